@@ -1,0 +1,182 @@
+"""Per-task LoRA gradients from ONE backward pass of the summed loss.
+
+Samples in a batch do not interact inside a LoRA factor, so autograd's weight gradient of a factor,
+grad_W = sum over tokens of delta^T u (delta: gradient at the factor's output, u: its input), splits
+exactly by task:  grad_W[t] = sum over tokens of samples in task t of delta^T u.  For lora_B, u = A x
+and delta carries the LoRA scaling s; for lora_A, u = dropout(x) and delta = B^T (s * dL/dh). So the
+paper's per-task gradients come out of one backward plus T small matmuls per factor.
+
+Each PEFT ``lora_A[adapter]`` / ``lora_B[adapter]`` nn.Linear gets its class swapped to
+``_TaskLinear`` (same parameters, same state dict): its forward saves its input as autograd does,
+and its backward writes the per-task weight gradients into the shared [T, P] buffer and returns no
+weight gradient, so the summed LoRA gradient is never formed (nor reduced). Whatever runs around the
+factor (dropout, scaling, rslora, Linear4bit / Linear8bitLt base layers, checkpointing, autocast) is
+PEFT's and torch's own code, untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import Layout, build_layout
+
+
+class CaptureState:
+    """Task ids of the current batch and the [T, P] fp32 buffer the factors accumulate into."""
+
+    def __init__(self, num_tasks: int, buffer: torch.Tensor) -> None:
+        self.num_tasks = num_tasks
+        self.buffer = buffer
+        self.task_ids: torch.Tensor | None = None
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+
+    def set_tasks(self, task_ids: torch.Tensor) -> None:
+        """Declare the task of every sample (dim 0) of the next forward/backward."""
+        task_ids = torch.as_tensor(task_ids).reshape(-1).long()
+        if task_ids.numel() == 0:
+            raise ValueError("task_ids is empty")
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= self.num_tasks:
+            raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
+        present = torch.unique(task_ids).tolist()
+        if len(present) == 1:  # per-task micro-batch: no row selection needed
+            self.groups = [(present[0], None)]
+        else:
+            self.groups = [(t, (task_ids == t).nonzero().squeeze(1)) for t in present]
+        self.task_ids = task_ids
+
+
+class _TaskLinearFn(torch.autograd.Function):
+    """y = x W^T; backward: dx as usual, per-task dW into the buffer, no summed dW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, module: "_TaskLinear") -> torch.Tensor:
+        state = module._olr_state
+        if state.task_ids is None:
+            raise RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        if x_c.dim() < 2 or x_c.shape[0] != state.task_ids.numel():
+            raise RuntimeError(
+                f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the batch has "
+                f"{state.task_ids.numel()} samples: per-task capture needs inputs shaped [batch, ..., features]"
+            )
+        ctx.module, ctx.groups, ctx.x_dtype = module, state.groups, x.dtype
+        ctx.save_for_backward(x_c, w_c)
+        return F.linear(x_c, w_c)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_c, w_c = ctx.saved_tensors
+        grad_out = grad_out.to(w_c.dtype)
+        module = ctx.module
+        slot = module._olr_slot  # [T, out, in] view of the fp32 buffer
+        d_in, d_out = x_c.shape[-1], grad_out.shape[-1]
+        for t, rows in ctx.groups:
+            g = grad_out if rows is None else grad_out.index_select(0, rows)
+            u = x_c if rows is None else x_c.index_select(0, rows)
+            slot[t].add_(g.reshape(-1, d_out).t() @ u.reshape(-1, d_in))
+        grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class _TaskLinear(nn.Linear):
+    """nn.Linear whose weight gradient is captured per task (class swapped in place, see install)."""
+
+    _olr_state: CaptureState
+    _olr_slot: torch.Tensor
+    _olr_name: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight)
+        return _TaskLinearFn.apply(x, self.weight, self)
+
+
+def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
+    """(layer_name, 'A'|'B', linear) for every trainable LoRA factor, refusing what capture can't do exactly."""
+    found: list[tuple[str, str, nn.Linear]] = []
+    for name, layer in _peft_lora_layers(model):
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                if adapter in getattr(layer, "lora_embedding_A", {}):
+                    raise ValueError(
+                        f"LoRA layer {name!r} adapts an embedding; Ortho-LoRA's one-backward capture supports "
+                        "LoRA on linear layers only: remove it from target_modules"
+                    )
+                continue
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            if not a.weight.requires_grad:
+                continue
+            if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+                variant = type(layer.lora_variant.get(adapter)).__name__ if adapter in layer.lora_variant else "DoRA"
+                raise ValueError(
+                    f"LoRA layer {name!r} uses the variant {variant}; per-task gradients are exact only for "
+                    "vanilla LoRA (use_dora=False and no other variant)"
+                )
+            for factor, lin in (("A", a), ("B", b)):
+                if type(lin) not in (nn.Linear, _TaskLinear):
+                    raise ValueError(f"LoRA layer {name!r}: lora_{factor} is a {type(lin).__name__}, not nn.Linear")
+                if lin.bias is not None:
+                    raise ValueError(f"LoRA layer {name!r}: lora_{factor} has a bias (lora_bias=True is unsupported)")
+                found.append((name, factor, lin))
+    return found
+
+
+class TaskGradCapture:
+    """Installs per-task gradient capture on every LoRA factor of a PEFT model.
+
+    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave sum over micro-batches of the
+    per-task LoRA gradients in ``buffer`` ([T, P] fp32, layout order); LoRA ``.grad`` stays None.
+    """
+
+    def __init__(self, model: nn.Module, num_tasks: int, granularity: str = "factor") -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.layout: Layout = build_layout(find_lora_factors(model), granularity)
+        device = self.layout.factors[0].param.device
+        self.buffer = torch.zeros(num_tasks, self.layout.numel, dtype=torch.float32, device=device)
+        self.state = CaptureState(num_tasks, self.buffer)
+        self._installed = False
+        self.install()
+
+    @property
+    def num_tasks(self) -> int:
+        return self.state.num_tasks
+
+    def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
+        self.state.set_tasks(torch.as_tensor(task_ids))
+
+    def factor_view(self, i: int) -> torch.Tensor:
+        f = self.layout.factors[i]
+        return self.buffer[:, f.offset : f.offset + f.numel].view(self.num_tasks, *f.param.shape)
+
+    def install(self) -> None:
+        for i, f in enumerate(self.layout.factors):
+            f.module.__class__ = _TaskLinear
+            f.module._olr_state = self.state
+            f.module._olr_slot = self.factor_view(i)
+            f.module._olr_name = f.name
+        self._installed = True
+
+    def remove(self) -> None:
+        """Give the factors back their plain nn.Linear class."""
+        for f in self.layout.factors:
+            f.module.__class__ = nn.Linear
+            for attr in ("_olr_state", "_olr_slot", "_olr_name"):
+                f.module.__dict__.pop(attr, None)
+        self._installed = False
+
+    def zero_(self) -> None:
+        self.buffer.zero_()

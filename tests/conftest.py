@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    from tests.models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    from tests.models import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))

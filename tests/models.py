@@ -1,0 +1,86 @@
+"""Tiny models built from a config, saved to a temp dir and loaded back with from_pretrained (no Hub)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ortho_lora_dist import task_mean
+
+VOCAB = 128
+
+
+def save_tiny_llama(path, hidden: int = 64, layers: int = 2) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_bert(path) -> str:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(4321)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    BertModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int = 0, **lora_kw):
+    """PEFT LoRA (r=4, all linear layers, random non-zero B so both factors get gradients) on the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    q = None
+    if quant == "nf4":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    elif quant == "int8":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora_kw)
+    return get_peft_model(model, cfg)
+
+
+def lm_task_losses(model, ids: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, mask: torch.Tensor | None = None):
+    """Per-task mean next-token loss over the real (mask=1) tokens of each task's samples."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+    w = None if mask is None else mask[:, 1:].float()
+    return task_mean(tok, task_ids[:, None].expand_as(tok), num_tasks, w)
+
+
+class BertMultiHead(nn.Module):
+    """A shared (LoRA-adapted) BERT encoder with one classification head per task."""
+
+    def __init__(self, path, num_labels: list[int], dropout: float = 0.0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+        from transformers import BertModel
+
+        torch.manual_seed(0)
+        enc = BertModel.from_pretrained(path)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout, init_lora_weights=False)
+        self.encoder = get_peft_model(enc, cfg)
+        self.heads = nn.ModuleList(nn.Linear(enc.config.hidden_size, n) for n in num_labels)
+
+    def task_params(self) -> dict[int, list[nn.Parameter]]:
+        return {t: list(h.parameters()) for t, h in enumerate(self.heads)}
+
+    def task_losses(self, ids, mask, labels, task_ids):
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        per = torch.zeros(ids.shape[0])
+        for t, head in enumerate(self.heads):
+            rows = (task_ids == t).nonzero().squeeze(1)
+            if rows.numel():
+                per = per.index_put((rows,), F.cross_entropy(head(h[rows]), labels[rows], reduction="none"))
+        return task_mean(per, task_ids, len(self.heads))

@@ -1,0 +1,177 @@
+"""One-backward per-task LoRA gradients equal T separate backward passes (the reference).
+
+Tolerance: 1e-5 relative (Frobenius norm of the difference over that of the reference) in fp32; the
+two routes run the same matmuls on the same numbers, only summed in another order. bf16 autocast:
+1e-2, since the reference's single bf16 weight-grad matmul rounds differently from per-task ones.
+"""
+
+import pytest
+import torch
+
+from ortho_lora_dist import OrthoLoRA
+from tests.models import VOCAB, BertMultiHead, lm_task_losses, lora_llama
+
+T = 3
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def batch(B=6, L=12, seed=0, pad=True):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if pad:  # right padding of different lengths
+        for b in range(B):
+            n = int(torch.randint(L // 2, L + 1, (1,), generator=gen))
+            mask[b, n:] = 0
+            ids[b, n:] = 0
+    tids = torch.arange(B) % T
+    return ids, mask, tids
+
+
+def both(build, run, seed=0):
+    """Per-task buffers of the one-backward and the reference route, on identically built models."""
+    out = {}
+    for mode in ("one_backward", "reference"):
+        model = build()
+        olr = OrthoLoRA(model, T, mode=mode, task_params=getattr(model, "task_params", lambda: {})())
+        torch.manual_seed(seed)  # same dropout masks on both routes
+        run(model, olr)
+        out[mode] = (olr, model)
+    return out["one_backward"], out["reference"]
+
+
+def llama_run(ids, mask, tids):
+    def run(model, olr):
+        olr.set_tasks(tids)
+        olr.backward(lm_task_losses(model, ids, tids, T, mask))
+    return run
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_tiny_llama_mixed_batch(llama_dir, pad):
+    ids, mask, tids = batch(pad=pad)
+    (o1, m1), (o2, _) = both(lambda: lora_llama(llama_dir), llama_run(ids, mask, tids))
+    assert o2.buffer.abs().sum() > 0
+    assert rel(o1.buffer, o2.buffer) < 1e-5
+    assert all(p.grad is None for p in o1.lora_params), "the summed LoRA gradient must not be formed"
+
+
+@pytest.mark.parametrize("kw", [{"dropout": 0.1}, {"use_rslora": True}], ids=["dropout", "rslora"])
+def test_tiny_llama_dropout_and_rslora(llama_dir, kw):
+    ids, mask, tids = batch()
+    (o1, _), (o2, _) = both(lambda: lora_llama(llama_dir, **kw), llama_run(ids, mask, tids))
+    assert rel(o1.buffer, o2.buffer) < 1e-5
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_base(llama_dir, quant):
+    ids, mask, tids = batch()
+    (o1, m1), (o2, _) = both(lambda: lora_llama(llama_dir, quant=quant), llama_run(ids, mask, tids))
+    kind = type(m1.base_model.model.model.layers[0].self_attn.q_proj).__name__
+    assert kind == {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[quant]
+    assert rel(o1.buffer, o2.buffer) < 1e-5
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(llama_dir, reentrant):
+    """Checkpointed one-backward capture vs the reference on the same model without checkpointing."""
+    ids, mask, tids = batch()
+    ref_model = lora_llama(llama_dir, dropout=0.1)
+    ref = OrthoLoRA(ref_model, T, mode="reference")
+    torch.manual_seed(0)
+    ref.backward(lm_task_losses(ref_model, ids, tids, T, mask))
+
+    model = lora_llama(llama_dir, dropout=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    olr = OrthoLoRA(model, T)
+    olr.set_tasks(tids)
+    torch.manual_seed(0)
+    olr.backward(lm_task_losses(model, ids, tids, T, mask))
+    assert rel(olr.buffer, ref.buffer) < 1e-5
+
+
+def test_accumulation_over_per_task_micro_batches(llama_dir):
+    micro = []
+    for t in range(T):
+        ids, mask, _ = batch(B=2, seed=10 + t)
+        micro.append((ids, mask, torch.full((2,), t)))
+
+    def run(model, olr):
+        for ids, mask, tids in micro:
+            olr.set_tasks(tids)
+            olr.backward(lm_task_losses(model, ids, tids, T, mask))
+
+    (o1, _), (o2, _) = both(lambda: lora_llama(llama_dir), run)
+    assert rel(o1.buffer, o2.buffer) < 1e-5
+    for t in range(T):  # each task's row came from its own micro-batch only
+        assert o1.buffer[t].abs().sum() > 0
+
+
+def test_bf16_autocast(llama_dir):
+    ids, mask, tids = batch()
+
+    def run(model, olr):
+        olr.set_tasks(tids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = lm_task_losses(model, ids, tids, T, mask)
+        olr.backward(losses)
+
+    (o1, _), (o2, _) = both(lambda: lora_llama(llama_dir), run)
+    assert o1.buffer.dtype == torch.float32
+    assert rel(o1.buffer, o2.buffer) < 1e-2
+
+
+def test_bert_with_task_heads(bert_dir):
+    gen = torch.Generator().manual_seed(0)
+    B, L = 9, 10
+    ids = torch.randint(1, VOCAB, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[::2, 7:] = 0
+    tids = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    labels = torch.randint(0, 2, (B,), generator=gen)
+
+    def run(model, olr):
+        olr.set_tasks(tids)
+        olr.backward(model.task_losses(ids, mask, labels, tids))
+
+    (o1, m1), (o2, m2) = both(lambda: BertMultiHead(bert_dir, [2, 2, 2], dropout=0.1), run)
+    assert rel(o1.buffer, o2.buffer) < 1e-5
+    for h1, h2 in zip(m1.heads, m2.heads):  # each head: exactly its own task's gradient
+        for p1, p2 in zip(h1.parameters(), h2.parameters()):
+            assert rel(p1.grad, p2.grad) < 1e-5
+
+
+def test_refuses_dora(llama_dir):
+    model = lora_llama(llama_dir, use_dora=True)
+    with pytest.raises(ValueError, match="Dora|DoRA"):
+        OrthoLoRA(model, T)
+
+
+def test_refuses_shared_trainable_parameter(llama_dir):
+    model = lora_llama(llama_dir)
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        OrthoLoRA(model, T)
+
+
+def test_refuses_unbatched_input(llama_dir):
+    model = lora_llama(llama_dir)
+    olr = OrthoLoRA(model, T)
+    olr.set_tasks(torch.tensor([0, 1]))
+    ids, mask, _ = batch(B=3)
+    with pytest.raises(RuntimeError, match="batch has 2 samples"):
+        lm_task_losses(model, ids, torch.tensor([0, 1, 2]), T, mask)
+
+
+def test_remove_restores_plain_linear(llama_dir):
+    model = lora_llama(llama_dir)
+    olr = OrthoLoRA(model, T)
+    olr.capture.remove()
+    ids, mask, tids = batch()
+    lm_task_losses(model, ids, tids, T, mask).sum().backward()
+    assert all(p.grad is not None for p in olr.lora_params)
