@@ -35,7 +35,7 @@ def block_grams(cols: torch.Tensor, start: int, layout: Layout) -> torch.Tensor:
 
 def combine_columns(cols: torch.Tensor, start: int, layout: Layout, weights: torch.Tensor) -> torch.Tensor:
     """combined[c] = sum_t weights[block(c), t] * cols[t, c]: [T, n] -> [n] fp32."""
-    out = torch.zeros(cols.shape[1], dtype=torch.float32, device=cols.device)
+    out = torch.zeros(cols.shape[1], dtype=torch.float32, device=cols.device)  # columns of no factor stay 0
     w = weights.to(device=cols.device, dtype=torch.float32)
     for _, b, lo, hi in _segments(layout, start, cols.shape[1]):
         torch.mv(cols[:, lo:hi].t(), w[b], out=out[lo:hi])

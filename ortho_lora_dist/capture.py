@@ -25,6 +25,25 @@ from torch import nn
 from .layout import Layout, build_layout
 
 
+# How the rows of a batch split into tasks, decided once per batch in set_tasks:
+#   ("bmm", T, n)         rows sorted by task, n rows for each of the T tasks: one batched matmul
+#   ("slice", t, lo, hi)  task t owns the contiguous rows [lo, hi): a view, no copy
+#   ("index", t, rows)    task t owns scattered rows: index_select
+Groups = list[tuple]
+
+
+def _task_groups(task_ids: torch.Tensor, num_tasks: int) -> Groups:
+    ids = task_ids.tolist()
+    n = len(ids)
+    if n % num_tasks == 0 and ids == [t for t in range(num_tasks) for _ in range(n // num_tasks)] and num_tasks > 1:
+        return [("bmm", num_tasks, n // num_tasks)]
+    starts = [0] + [i for i in range(1, n) if ids[i] != ids[i - 1]]
+    runs = [(ids[s], s, e) for s, e in zip(starts, starts[1:] + [n])]
+    if len({t for t, _, _ in runs}) == len(runs):  # every task in one contiguous run
+        return [("slice", t, s, e) for t, s, e in runs]
+    return [("index", t, (task_ids == t).nonzero().squeeze(1)) for t in sorted(set(ids))]
+
+
 class CaptureState:
     """Task ids of the current batch and the [T, P] fp32 buffer the factors accumulate into."""
 
@@ -32,7 +51,7 @@ class CaptureState:
         self.num_tasks = num_tasks
         self.buffer = buffer
         self.task_ids: torch.Tensor | None = None
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.groups: Groups = []
 
     def set_tasks(self, task_ids: torch.Tensor) -> None:
         """Declare the task of every sample (dim 0) of the next forward/backward."""
@@ -42,11 +61,7 @@ class CaptureState:
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= self.num_tasks:
             raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
-        present = torch.unique(task_ids).tolist()
-        if len(present) == 1:  # per-task micro-batch: no row selection needed
-            self.groups = [(present[0], None)]
-        else:
-            self.groups = [(t, (task_ids == t).nonzero().squeeze(1)) for t in present]
+        self.groups = _task_groups(task_ids, self.num_tasks)
         self.task_ids = task_ids
 
 
@@ -77,10 +92,21 @@ class _TaskLinearFn(torch.autograd.Function):
         module = ctx.module
         slot = module._olr_slot  # [T, out, in] view of the fp32 buffer
         d_in, d_out = x_c.shape[-1], grad_out.shape[-1]
-        for t, rows in ctx.groups:
-            g = grad_out if rows is None else grad_out.index_select(0, rows)
-            u = x_c if rows is None else x_c.index_select(0, rows)
-            slot[t].add_(g.reshape(-1, d_out).t() @ u.reshape(-1, d_in))
+        for group in ctx.groups:
+            if group[0] == "bmm":  # slot[t] += g_t^T u_t for all t at once
+                _, T, n = group
+                g = grad_out.reshape(T, -1, d_out)
+                u = x_c.reshape(T, -1, d_in)
+                slot.baddbmm_(g.transpose(1, 2), u) if slot.dtype == g.dtype else slot.add_(g.transpose(1, 2) @ u)
+                continue
+            if group[0] == "slice":
+                _, t, lo, hi = group
+                g, u = grad_out[lo:hi], x_c[lo:hi]
+            else:
+                _, t, rows = group
+                g, u = grad_out.index_select(0, rows), x_c.index_select(0, rows)
+            g2, u2 = g.reshape(-1, d_out), u.reshape(-1, d_in)
+            slot[t].addmm_(g2.t(), u2) if slot.dtype == g2.dtype else slot[t].add_(g2.t() @ u2)
         grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 

@@ -50,9 +50,14 @@ def llama_run(ids, mask, tids):
     return run
 
 
-@pytest.mark.parametrize("pad", [False, True])
-def test_tiny_llama_mixed_batch(llama_dir, pad):
-    ids, mask, tids = batch(pad=pad)
+@pytest.mark.parametrize(
+    "pad,tids",
+    [(False, [0, 1, 2, 0, 1, 2]), (True, [0, 1, 2, 0, 1, 2]), (True, [0, 0, 1, 1, 2, 2]), (True, [2, 0, 0, 0, 1, 1])],
+    ids=["interleaved", "interleaved-padded", "sorted-equal", "contiguous-runs"],
+)
+def test_tiny_llama_mixed_batch(llama_dir, pad, tids):
+    ids, mask, _ = batch(pad=pad)
+    tids = torch.tensor(tids)
     (o1, m1), (o2, _) = both(lambda: lora_llama(llama_dir), llama_run(ids, mask, tids))
     assert o2.buffer.abs().sum() > 0
     assert rel(o1.buffer, o2.buffer) < 1e-5

@@ -1,0 +1,119 @@
+"""Step time of joint vs Ortho-LoRA (one backward) vs Ortho-LoRA reference (T backward passes).
+
+Llama-shaped model of a few million parameters, built from its config (no download), LoRA r=16 on all
+linear layers, a mixed batch with ``--per-task`` samples of each task. The three methods are timed
+interleaved (round-robin, same inputs) so that machine noise hits them alike; ratios use medians.
+
+    python bench/step_time.py --tasks 3 8 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def build(args, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+    )
+    model = LlamaForCausalLM(cfg)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, lora)
+
+
+def task_losses(model, ids, tids, T):
+    from ortho_lora_dist import task_mean
+
+    logits = model(input_ids=ids).logits[:, :-1]
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return task_mean(tok.view(ids.shape[0], -1), tids[:, None].expand(-1, ids.shape[1] - 1), T)
+
+
+def make_steps(args, T):
+    from ortho_lora_dist import OrthoLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (T * args.per_task, args.seq), generator=gen)
+    tids = torch.arange(T).repeat_interleave(args.per_task)
+
+    joint_model = build(args)
+    joint_params = [p for p in joint_model.parameters() if p.requires_grad]
+    joint_opt = torch.optim.AdamW(joint_params, lr=1e-4)
+
+    def joint():
+        joint_opt.zero_grad(set_to_none=True)
+        task_losses(joint_model, ids, tids, T).sum().backward()
+        joint_opt.step()
+
+    def ortho_factory(mode):
+        model = build(args)
+        olr = OrthoLoRA(model, T, mode=mode)
+        opt = torch.optim.AdamW(olr.lora_params, lr=1e-4)
+
+        def step():
+            olr.zero_grad()
+            olr.set_tasks(tids)
+            olr.backward(task_losses(model, ids, tids, T))
+            olr.write_grads(olr.project())
+            opt.step()
+
+        return step, sum(p.numel() for p in olr.lora_params)
+
+    ortho, n_lora = ortho_factory("one_backward")
+    reference, _ = ortho_factory("reference")
+    return {"joint": joint, "ortho": ortho, "ortho_reference": reference}, n_lora, sum(p.numel() for p in joint_model.parameters())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, nargs="+", default=[3, 8])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method (after 3 warm-up steps)")
+    p.add_argument("--per-task", type=int, default=2, help="samples of each task in the mixed batch")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    report = []
+    for T in args.tasks:
+        steps, n_lora, n_total = make_steps(args, T)
+        times = {k: [] for k in steps}
+        for _ in range(3):
+            for fn in steps.values():
+                fn()
+        for _ in range(args.steps):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "tasks": T, "model_params": n_total, "lora_params": n_lora, "batch": T * args.per_task, "seq": args.seq,
+            **{f"{k}_s": round(v, 4) for k, v in med.items()},
+            "ortho/joint": round(med["ortho"] / med["joint"], 3),
+            "reference/joint": round(med["ortho_reference"] / med["joint"], 3),
+        }
+        report.append(row)
+        print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
