@@ -1,12 +1,11 @@
-"""Block-wise Gram matrices and combination over a column range [start, start + n) of the [T, P] buffer.
+"""Block-wise Gram matrices and combination over one region ([T, n], whole factors) of the buffer.
 
-A rank holding only a shard of the columns gets partial Gram matrices; the global one is their sum
-over ranks (G = sum over shards of g_shard g_shard^T), so only [B, T, T] tensors need to cross ranks.
+A rank holding one region gets partial Gram matrices of the blocks that span several regions; the
+global one is their sum over ranks (G = sum over regions of g_r g_r^T), so only [B, T, T] tensors
+need to cross ranks.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 
@@ -14,33 +13,22 @@ from .layout import Layout
 from .projection import gram
 
 
-def _segments(layout: Layout, start: int, n: int) -> Iterator[tuple[int, int, int, int]]:
-    """(factor index, block, lo, hi): the part [lo, hi) of each factor inside columns [start, start + n), shard-local."""
-    end = start + n
-    blocks = layout.block_of.tolist()
-    for i, f in enumerate(layout.factors):
-        lo, hi = max(f.offset, start), min(f.offset + f.numel, end)
-        if lo < hi:
-            yield i, blocks[i], lo - start, hi - start
-
-
-def block_grams(cols: torch.Tensor, start: int, layout: Layout) -> torch.Tensor:
-    """[T, n] columns starting at global column ``start`` -> [B, T, T] fp32 (partial) block Gram matrices."""
-    T = cols.shape[0]
-    grams = torch.zeros(layout.num_blocks, T, T, dtype=torch.float32, device=cols.device)
-    for _, b, lo, hi in _segments(layout, start, cols.shape[1]):
-        grams[b] += gram(cols[:, lo:hi])
+def block_grams(region: torch.Tensor, index: int, layout: Layout) -> torch.Tensor:
+    """[T, n] region ``index`` -> [B, T, T] fp32 (partial) block Gram matrices."""
+    T = region.shape[0]
+    grams = torch.zeros(layout.num_blocks, T, T, dtype=torch.float32, device=region.device)
+    for f, b in layout.region_factors(index):
+        grams[b] += gram(region[:, f.offset : f.offset + f.numel])
     return grams
 
 
-def combine_columns(cols: torch.Tensor, start: int, layout: Layout, weights: torch.Tensor) -> torch.Tensor:
-    """combined[c] = sum_t weights[block(c), t] * cols[t, c]: [T, n] -> [n] fp32."""
-    out = torch.zeros(cols.shape[1], dtype=torch.float32, device=cols.device)  # columns of no factor stay 0
-    w = weights.to(device=cols.device, dtype=torch.float32)
-    for _, b, lo, hi in _segments(layout, start, cols.shape[1]):
-        torch.mv(cols[:, lo:hi].t(), w[b], out=out[lo:hi])
+def combine_region(region: torch.Tensor, index: int, layout: Layout, weights: torch.Tensor) -> torch.Tensor:
+    """combined[c] = sum_t weights[block(c), t] * region[t, c]: [T, n] -> [n] fp32 (padding stays 0)."""
+    out = torch.zeros(region.shape[1], dtype=torch.float32, device=region.device)
+    w = weights.to(device=region.device, dtype=torch.float32)
+    for f, b in layout.region_factors(index):
+        torch.mv(region[:, f.offset : f.offset + f.numel].t(), w[b], out=out[f.offset : f.offset + f.numel])
     return out
-
 
 def gram_telemetry(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block: fraction of task pairs with g_i . g_j < 0, and their mean cosine (pairs with both norms > 0)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Layout, build_layout
+from .layout import Layout, LoraFactor, build_layout
 
 
 # How the rows of a batch split into tasks, decided once per batch in set_tasks:
@@ -160,19 +160,29 @@ def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
     return found
 
 
+def new_buffer(layout: Layout, num_tasks: int) -> torch.Tensor:
+    """Zeroed [N, T, n] fp32 per-task gradient buffer on the device of the LoRA factors."""
+    device = layout.factors[0].param.device
+    return torch.zeros(layout.num_regions, num_tasks, layout.region_size, dtype=torch.float32, device=device)
+
+
+def factor_view(buffer: torch.Tensor, f: LoraFactor) -> torch.Tensor:
+    """[T, *weight.shape] view of one factor's per-task gradients inside the buffer."""
+    return buffer[f.region, :, f.offset : f.offset + f.numel].view(buffer.shape[1], *f.param.shape)
+
+
 class TaskGradCapture:
     """Installs per-task gradient capture on every LoRA factor of a PEFT model.
 
-    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave sum over micro-batches of the
-    per-task LoRA gradients in ``buffer`` ([T, P] fp32, layout order); LoRA ``.grad`` stays None.
+    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave the sum over micro-batches of
+    the per-task LoRA gradients in ``buffer`` ([N, T, n] fp32, see layout.py); LoRA ``.grad`` stays None.
     """
 
-    def __init__(self, model: nn.Module, num_tasks: int, granularity: str = "factor") -> None:
+    def __init__(self, model: nn.Module, num_tasks: int, granularity: str = "factor", num_regions: int = 1) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        self.layout: Layout = build_layout(find_lora_factors(model), granularity)
-        device = self.layout.factors[0].param.device
-        self.buffer = torch.zeros(num_tasks, self.layout.numel, dtype=torch.float32, device=device)
+        self.layout: Layout = build_layout(find_lora_factors(model), granularity, num_regions)
+        self.buffer = new_buffer(self.layout, num_tasks)
         self.state = CaptureState(num_tasks, self.buffer)
         self._installed = False
         self.install()
@@ -185,8 +195,7 @@ class TaskGradCapture:
         self.state.set_tasks(torch.as_tensor(task_ids))
 
     def factor_view(self, i: int) -> torch.Tensor:
-        f = self.layout.factors[i]
-        return self.buffer[:, f.offset : f.offset + f.numel].view(self.num_tasks, *f.param.shape)
+        return factor_view(self.buffer, self.layout.factors[i])
 
     def install(self) -> None:
         for i, f in enumerate(self.layout.factors):

@@ -17,33 +17,33 @@ class Comm(Protocol):
     world_size: int
     rank: int
 
-    def reduce_task_grads(self, buffer: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Local [T, P] per-task sums -> (global per-task mean over ranks of the columns this rank holds, first column)."""
+    def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Local [N, T, n] per-task sums -> region ``rank`` ([T, n]) of the global per-task mean over ranks."""
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
-        """Partial [B, T, T] Gram matrices of this rank's columns -> the global ones (sum over ranks)."""
+        """Partial [B, T, T] Gram matrices of this rank's region -> the global ones (sum over ranks)."""
 
-    def gather_columns(self, cols: torch.Tensor, start: int, total: int) -> torch.Tensor:
-        """This rank's combined columns -> all ``total`` columns, on every rank."""
+    def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
+        """This rank's combined region [n] -> all regions [N, n], on every rank."""
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors (e.g. task-head gradients) across ranks, in place."""
 
 
 class LocalComm:
-    """One process: every column is local, nothing to reduce."""
+    """One process: the single region is the whole buffer, nothing to reduce."""
 
     world_size = 1
     rank = 0
 
-    def reduce_task_grads(self, buffer: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return buffer, 0
+    def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[0]
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
         return grams
 
-    def gather_columns(self, cols: torch.Tensor, start: int, total: int) -> torch.Tensor:
-        return cols
+    def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
+        return combined.unsqueeze(0)
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         return None

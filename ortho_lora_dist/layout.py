@@ -1,4 +1,9 @@
-"""Where each LoRA factor lives in the flat [T, P] per-task gradient buffer, and which block it projects in.
+"""Where each LoRA factor lives in the per-task gradient buffer, and which block it projects in.
+
+The buffer is [N, T, n]: N regions (one per data-parallel rank, N = 1 in one process), each a
+contiguous [T, n] matrix holding whole factors. Region r is the part of the global per-task
+gradients that rank r reduces, projects and hands to its engine, so a reduce-scatter of the flat
+buffer needs no copy. Factors are split into N contiguous runs of near-equal size.
 
 Granularity (the paper's "structure-aware decoupling" is ``factor``):
   factor  every lora_A weight and every lora_B weight is its own block (default, the paper)
@@ -20,12 +25,13 @@ GRANULARITIES: tuple[str, ...] = ("factor", "module", "global")
 
 @dataclass(frozen=True)
 class LoraFactor:
-    """One LoRA factor weight: its module path, factor ('A' or 'B'), slice [offset, offset+numel) of P."""
+    """One LoRA factor weight: its module path, factor ('A' or 'B'), region and columns [offset, offset+numel)."""
 
     name: str
     layer_name: str
     factor: str
     module: nn.Linear
+    region: int
     offset: int
     numel: int
 
@@ -42,10 +48,16 @@ class Layout:
     block_of: torch.Tensor  # [n_factors] long: block index of each factor
     block_names: tuple[str, ...]
     granularity: str
+    num_regions: int = 1
+    region_size: int = 0  # n: columns per region (the largest region; the others are zero-padded)
 
     @property
     def numel(self) -> int:
         return sum(f.numel for f in self.factors)
+
+    def region_factors(self, region: int) -> list[tuple[LoraFactor, int]]:
+        """(factor, block) for the factors stored in ``region``."""
+        return [(f, b) for f, b in zip(self.factors, self.block_of.tolist()) if f.region == region]
 
     @property
     def num_blocks(self) -> int:
@@ -59,18 +71,28 @@ class Layout:
         return ["".join(sorted(k)) for k in kinds]
 
 
-def build_layout(lora_modules: list[tuple[str, str, nn.Linear]], granularity: str) -> Layout:
-    """Assign offsets and blocks to ``(layer_name, factor, linear)`` triples, in the given order."""
+def _split(sizes: list[int], parts: int) -> list[int]:
+    """Region of each item: contiguous runs whose sums are close to total / parts."""
+    total, acc, regions = sum(sizes), 0, []
+    for n in sizes:
+        regions.append(min(parts - 1, int((acc + n / 2) * parts // max(total, 1))))
+        acc += n
+    return regions
+
+
+def build_layout(lora_modules: list[tuple[str, str, nn.Linear]], granularity: str, num_regions: int = 1) -> Layout:
+    """Assign regions, offsets and blocks to ``(layer_name, factor, linear)`` triples, in the given order."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if not lora_modules:
         raise ValueError("the model has no trainable LoRA factors (did target_modules match nothing?)")
+    sizes = [lin.weight.numel() for _, _, lin in lora_modules]
+    regions = _split(sizes, num_regions)
+    fill = [0] * num_regions
     factors, blocks, names = [], [], {}
-    offset = 0
-    for layer_name, factor, linear in lora_modules:
-        n = linear.weight.numel()
-        factors.append(LoraFactor(f"{layer_name}.lora_{factor}", layer_name, factor, linear, offset, n))
-        offset += n
+    for (layer_name, factor, linear), n, r in zip(lora_modules, sizes, regions):
+        factors.append(LoraFactor(f"{layer_name}.lora_{factor}", layer_name, factor, linear, r, fill[r], n))
+        fill[r] += n
         key = {"factor": f"{layer_name}.lora_{factor}", "module": layer_name, "global": "all"}[granularity]
         blocks.append(names.setdefault(key, len(names)))
-    return Layout(tuple(factors), torch.tensor(blocks, dtype=torch.long), tuple(names), granularity)
+    return Layout(tuple(factors), torch.tensor(blocks, dtype=torch.long), tuple(names), granularity, num_regions, max(fill))

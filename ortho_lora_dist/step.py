@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .blocks import block_grams, combine_columns, gram_telemetry
-from .capture import TaskGradCapture, find_lora_factors
+from .blocks import block_grams, combine_region, gram_telemetry
+from .capture import TaskGradCapture, factor_view, find_lora_factors, new_buffer
 from .comm import Comm, LocalComm
 from .layout import Layout, build_layout
 from .order import TaskOrder
@@ -32,10 +32,10 @@ MODES = ("one_backward", "reference")
 
 @dataclass
 class StepResult:
-    """What one projection produced: this rank's combined columns [start, start + n) and per-block facts."""
+    """What one projection produced: this rank's region of the combined gradient and per-block facts."""
 
-    combined: torch.Tensor  # [n] fp32
-    start: int
+    combined: torch.Tensor  # [n] fp32: this rank's region of the combined gradient
+    region: int
     order: list[int]
     weights: torch.Tensor  # [B, T] combination weights
     grams: torch.Tensor  # [B, T, T] global Gram matrices
@@ -87,15 +87,15 @@ class OrthoLoRA:
         if bad:
             raise ValueError(f"task_params has task ids {bad} outside [0, {num_tasks - 1}]")
         self.order = TaskOrder(num_tasks, seed)
+        regions = self.comm.world_size
         if mode == "one_backward":
-            self.capture: TaskGradCapture | None = TaskGradCapture(model, num_tasks, granularity)
+            self.capture: TaskGradCapture | None = TaskGradCapture(model, num_tasks, granularity, regions)
             self.layout: Layout = self.capture.layout
             self.buffer = self.capture.buffer
         else:
             self.capture = None
-            self.layout = build_layout(find_lora_factors(model), granularity)
-            device = self.layout.factors[0].param.device
-            self.buffer = torch.zeros(num_tasks, self.layout.numel, dtype=torch.float32, device=device)
+            self.layout = build_layout(find_lora_factors(model), granularity, regions)
+            self.buffer = new_buffer(self.layout, num_tasks)
         self.lora_params = [f.param for f in self.layout.factors]
         _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
 
@@ -121,9 +121,10 @@ class OrthoLoRA:
             return
         heads = [p for t in range(self.num_tasks) for p in self.task_params.get(t, [])]
         grads = reference_task_grads(weighted, self.lora_params + heads)
-        P = self.layout.numel
-        self.buffer += grads[:, :P]
-        offset = P
+        offset = 0
+        for f in self.layout.factors:
+            factor_view(self.buffer, f).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
+            offset += f.numel
         for t in range(self.num_tasks):  # a head's gradient is its own task's row
             for p in self.task_params.get(t, []):
                 g = grads[t, offset : offset + p.numel()].view_as(p).to(p.dtype)
@@ -133,8 +134,8 @@ class OrthoLoRA:
     # -- reduce -> project -------------------------------------------------------------------------------
     def project(self) -> StepResult:
         """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns."""
-        cols, start = self.comm.reduce_task_grads(self.buffer)
-        grams = self.comm.sum_grams(block_grams(cols, start, self.layout))
+        region, index = self.comm.reduce_task_grads(self.buffer), self.comm.rank
+        grams = self.comm.sum_grams(block_grams(region, index, self.layout))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
         if skipped:
@@ -143,9 +144,9 @@ class OrthoLoRA:
             weights = combine_weights(grams, order)
         else:
             weights = joint_weights(grams)
-        combined = combine_columns(cols, start, self.layout, weights)
+        combined = combine_region(region, index, self.layout, weights)
         conflict, cosine = gram_telemetry(grams)
-        return StepResult(combined, start, order, weights, grams, skipped, conflict, cosine)
+        return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine)
 
     def head_params(self) -> list[nn.Parameter]:
         return [p for t in sorted(self.task_params) for p in self.task_params[t]]
@@ -153,9 +154,9 @@ class OrthoLoRA:
     # -- hand over (replicated LoRA parameters: single process, DDP) ---------------------------------------
     def write_grads(self, result: StepResult) -> None:
         """Set .grad of every LoRA factor to the combined gradient; average head grads across ranks."""
-        full = self.comm.gather_columns(result.combined, result.start, self.layout.numel)
+        regions = self.comm.gather_regions(result.combined)
         for f in self.layout.factors:
-            f.param.grad = full[f.offset : f.offset + f.numel].view_as(f.param).to(f.param.dtype)
+            f.param.grad = regions[f.region, f.offset : f.offset + f.numel].view_as(f.param).to(f.param.dtype)
         heads = [p.grad for p in self.head_params() if p.grad is not None]
         self.comm.mean_(heads)
         if result.skipped:
