@@ -9,7 +9,10 @@ paper's per-task gradients come out of one backward plus T small matmuls per fac
 Each PEFT ``lora_A[adapter]`` / ``lora_B[adapter]`` nn.Linear gets its class swapped to
 ``_TaskLinear`` (same parameters, same state dict): its forward saves its input as autograd does,
 and its backward writes the per-task weight gradients into the shared [T, P] buffer and returns no
-weight gradient, so the summed LoRA gradient is never formed (nor reduced). Whatever runs around the
+weight gradient, so the summed LoRA gradient is never formed (nor reduced). The weight enters the
+autograd Function detached, with a zero-size "anchor" leaf standing in as the input that requires
+grad: the LoRA parameters never appear in the backward graph of the loss, so no engine hook (DDP,
+DeepSpeed ZeRO, FSDP) fires on them during the per-task backward. Whatever runs around the
 factor (dropout, scaling, rslora, Linear4bit / Linear8bitLt base layers, checkpointing, autocast) is
 PEFT's and torch's own code, untouched.
 """
@@ -52,6 +55,13 @@ class CaptureState:
         self.buffer = buffer
         self.task_ids: torch.Tensor | None = None
         self.groups: Groups = []
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """Zero-size leaf requiring grad: puts every captured factor in the graph without its weight."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        return self._anchors[device]
 
     def set_tasks(self, task_ids: torch.Tensor) -> None:
         """Declare the task of every sample (dim 0) of the next forward/backward."""
@@ -69,7 +79,7 @@ class _TaskLinearFn(torch.autograd.Function):
     """y = x W^T; backward: dx as usual, per-task dW into the buffer, no summed dW."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, module: "_TaskLinear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: "_TaskLinear") -> torch.Tensor:
         state = module._olr_state
         if state.task_ids is None:
             raise RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
@@ -108,7 +118,7 @@ class _TaskLinearFn(torch.autograd.Function):
             g2, u2 = g.reshape(-1, d_out), u.reshape(-1, d_in)
             slot[t].addmm_(g2.t(), u2) if slot.dtype == g2.dtype else slot[t].add_(g2.t() @ u2)
         grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 class _TaskLinear(nn.Linear):
@@ -121,7 +131,7 @@ class _TaskLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return F.linear(x, self.weight)
-        return _TaskLinearFn.apply(x, self.weight, self)
+        return _TaskLinearFn.apply(x, self.weight.detach(), self._olr_state.anchor(x.device), self)
 
 
 def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

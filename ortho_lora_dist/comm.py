@@ -47,3 +47,47 @@ class LocalComm:
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         return None
+
+
+class DistComm:
+    """torch.distributed data parallelism over ``group``: rank r owns region r of the [N, T, n] buffer.
+
+    Bytes per step: reduce-scatter of T*N*n floats (each rank sends and receives (N-1)/N of it),
+    all-reduce of the [B, T, T] Grams, and, for replicated LoRA parameters, an all-gather of N*n.
+    """
+
+    def __init__(self, group=None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: launch with torchrun or deepspeed")
+        self.dist, self.group = dist, group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
+        if buffer.shape[0] != self.world_size:
+            raise ValueError(f"buffer has {buffer.shape[0]} regions for {self.world_size} ranks")
+        out = torch.empty(buffer[0].numel(), dtype=buffer.dtype, device=buffer.device)
+        self.dist.reduce_scatter_tensor(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
+        return out.div_(self.world_size).view(buffer.shape[1:])
+
+    def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(grams, op=self.dist.ReduceOp.SUM, group=self.group)
+        return grams
+
+    def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.world_size * combined.numel(), dtype=combined.dtype, device=combined.device)
+        self.dist.all_gather_into_tensor(out, combined.contiguous(), group=self.group)
+        return out.view(self.world_size, -1)
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        self.dist.all_reduce(flat, op=self.dist.ReduceOp.SUM, group=self.group)
+        flat.div_(self.world_size)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()

@@ -35,17 +35,21 @@ def save_tiny_bert(path) -> str:
     return str(path)
 
 
-def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int = 0, **lora_kw):
+def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int = 0, storage=None, **lora_kw):
     """PEFT LoRA (r=4, all linear layers, random non-zero B so both factors get gradients) on the tiny Llama."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    q = None
+    q, dtype = None, torch.float32
     if quant == "nf4":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=storage or torch.uint8,
+        )
+        dtype = storage or torch.float32
     elif quant == "int8":
         q = BitsAndBytesConfig(load_in_8bit=True)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora_kw)
     return get_peft_model(model, cfg)

@@ -1,0 +1,101 @@
+"""DeepSpeed ZeRO-2 adapter: DeepSpeed's ZeRO optimizer owns (partitions) the LoRA factors' states.
+
+Traps designed around: (1) several ``engine.backward`` calls per optimizer step drop gradients under
+ZeRO-1/2 with offload (DeepSpeed PR #7981), and (2) gradient-accumulation-boundary handling under
+ZeRO-2 (allenai/open-instruct PR #1498). So DeepSpeed sees exactly ONE backward per optimizer step,
+with gradient_accumulation_steps = 1: micro-batches accumulate in our per-task buffer; after the
+projection, rank r hands DeepSpeed the surrogate  sum_f <p_f, N * combined_f>  over the factors of its
+own region (zero elsewhere), whose gradient, averaged over ranks by ZeRO's reduce-scatter, is exactly
+the combined gradient. Task heads stay outside DeepSpeed (replicated, plain AdamW, grads averaged).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..step import OrthoLoRA, StepResult
+from .base import clip_
+
+
+def load_ds_config(path: str | Path, *, micro_batch: int, world_size: int, grad_clip: float, lr: float | None = None) -> dict:
+    """Read a ds_configs/*.json, refuse ZeRO-3, and fill "auto" values from the training config."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path}, line {e.lineno}: {e.msg}") from None
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(
+            f"{path}: zero_optimization.stage={stage} is not supported; use stage 2 (ds_configs/zero2.json) or FSDP2 "
+            "(distributed.engine: fsdp) to shard the base. ZeRO-3 would partition the frozen (possibly 4-bit) base."
+        )
+    gas = cfg.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", 1):
+        raise ValueError(
+            f"{path}: gradient_accumulation_steps={gas}: set it to \"auto\" (= 1); accumulation happens in the "
+            "per-task buffer (train.gradient_accumulation) so that DeepSpeed sees one backward per step"
+        )
+    auto = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in auto.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    opt = cfg.get("optimizer", {}).get("params", {})
+    if opt.get("lr") == "auto":
+        opt["lr"] = lr
+    return cfg
+
+
+class DeepSpeedAdapter:
+    """Hands the combined LoRA gradient to a DeepSpeed engine built over the LoRA factors."""
+
+    def __init__(self, olr: OrthoLoRA, ds_engine, head_optimizer=None, head_scheduler=None, head_grad_clip: float = 0.0):
+        self.olr, self.engine = olr, ds_engine
+        self.head_optimizer, self.head_scheduler, self.head_grad_clip = head_optimizer, head_scheduler, head_grad_clip
+
+    def apply(self, result: StepResult) -> None:
+        olr, N = self.olr, self.olr.comm.world_size
+        heads = olr.head_params()
+        olr.comm.mean_([p.grad for p in heads if p.grad is not None])
+        if result.skipped:  # every rank skips together (the Grams are global)
+            olr.zero_grad()
+            return
+        surrogate = torch.zeros((), device=olr.lora_params[0].device)
+        for f in olr.layout.factors:
+            if f.region == result.region:
+                g = result.combined[f.offset : f.offset + f.numel].view_as(f.param) * N
+                surrogate = surrogate + (f.param * g.to(f.param.dtype)).sum()
+            else:
+                surrogate = surrogate + (f.param * 0).sum()  # every factor gets a (zero) gradient
+        self.engine.backward(surrogate)
+        self.engine.step()
+        if self.head_optimizer is not None and heads:
+            clip_(heads, self.head_grad_clip)
+            self.head_optimizer.step()
+            if self.head_scheduler is not None:
+                self.head_scheduler.step()
+        olr.zero_grad()
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.head_optimizer is not None:
+            state["head_optimizer"] = self.head_optimizer.state_dict()
+        if self.head_scheduler is not None:
+            state["head_scheduler"] = self.head_scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.head_optimizer is not None and "head_optimizer" in state:
+            self.head_optimizer.load_state_dict(state["head_optimizer"])
+        if self.head_scheduler is not None and "head_scheduler" in state:
+            self.head_scheduler.load_state_dict(state["head_scheduler"])
