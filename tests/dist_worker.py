@@ -74,14 +74,15 @@ def main():
 
     torch.manual_seed(0)
     quant = None if args.quant == "none" else args.quant
-    model = lora_llama(args.model, quant=quant, storage=torch.bfloat16 if args.engine == "fsdp" and quant else None)
+    model = lora_llama(args.model, quant=quant, storage=torch.bfloat16 if quant else None)
+    model.train()
     lora_names = [n for n, p_ in model.named_parameters() if p_.requires_grad]
     if args.engine == "fsdp":
         from ortho_lora_dist.capture import find_lora_factors
         from ortho_lora_dist.engines.fsdp import shard_base
 
         keep = [lin.weight for _, _, lin in find_lora_factors(model)]
-        shard_base(model, keep, param_dtype=torch.bfloat16 if quant else None)
+        shard_base(model, keep)
     olr = OrthoLoRA(model, T, strategy=args.strategy, granularity=args.granularity, seed=7, comm=comm)
     lr = 1e-2
     if args.engine == "deepspeed":
@@ -102,12 +103,19 @@ def main():
             broadcast_trainable_(model)
         engine = TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=lr, weight_decay=0.01))
 
+    probe = torch.randint(1, VOCAB, (2, L), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        olr.set_tasks(torch.zeros(2, dtype=torch.long))
+        logits = model(input_ids=probe).logits.float()
+    save_file({"logits": logits.contiguous()}, os.path.join(args.out, f"forward{rank}.safetensors")) if os.makedirs(args.out, exist_ok=True) is None else None
     record = {"orders": [], "project_then_reduce_rel": None}
     for step in range(args.steps):
         for micro in range(args.accum):
             ids, tids = local_batch(args.accum * step + micro, rank, world, conflict=True)
             olr.set_tasks(tids)
-            olr.backward(lm_task_losses(model, ids, tids, T) / args.accum)
+            losses = lm_task_losses(model, ids, tids, T)
+            record.setdefault("losses", []).append(losses.tolist())
+            olr.backward(losses / args.accum)
         if step == 0 and comm is not None:
             # what a wrong implementation would hand over: project locally, then average across ranks
             # (local Grams, same order as the real step draws; the local buffer holds every region)
@@ -121,6 +129,7 @@ def main():
             wrong /= world
         result = olr.project()
         record["orders"].append(result.order)
+        record.setdefault("gnorm", []).append(result.task_grad_norms.tolist())
         if step == 0 and comm is not None:
             right = comm.gather_regions(result.combined).reshape(-1)
             record["project_then_reduce_rel"] = float((wrong - right).norm() / right.norm())

@@ -46,7 +46,7 @@ def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int =
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
             bnb_4bit_quant_storage=storage or torch.uint8,
         )
-        dtype = storage or torch.float32
+        dtype = storage or torch.float32  # FSDP: every frozen base tensor in the 4-bit storage dtype
     elif quant == "int8":
         q = BitsAndBytesConfig(load_in_8bit=True)
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype)

@@ -46,6 +46,12 @@ def shard_base(model: nn.Module, keep: list[nn.Parameter], param_dtype: torch.dt
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     check_quant_storage(model, param_dtype)
+    for m in model.modules():
+        # bitsandbytes repacks 4-bit weights in place (weight.data = ...) for its CPU inference kernel; under FSDP
+        # that rewrites the all-gathered copy only, and the next all-gather pairs the old bytes with the new
+        # quant_state: garbage. Keep the FSDP-safe layout.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     ignored = set(keep)
     blocks = _blocks(model)
