@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffer import TaskGradBuffer
+from .comm import Comm, LocalComm
 from .layout import Layout, LoraFactor, build_layout
 
 
@@ -48,11 +50,11 @@ def _task_groups(task_ids: torch.Tensor, num_tasks: int) -> Groups:
 
 
 class CaptureState:
-    """Task ids of the current batch and the [T, P] fp32 buffer the factors accumulate into."""
+    """Task ids of the current batch and the per-task gradient buffer the factors accumulate into."""
 
-    def __init__(self, num_tasks: int, buffer: torch.Tensor) -> None:
+    def __init__(self, num_tasks: int, grads: TaskGradBuffer) -> None:
         self.num_tasks = num_tasks
-        self.buffer = buffer
+        self.grads = grads
         self.task_ids: torch.Tensor | None = None
         self.groups: Groups = []
         self._anchors: dict[torch.device, torch.Tensor] = {}
@@ -72,6 +74,7 @@ class CaptureState:
         if lo < 0 or hi >= self.num_tasks:
             raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
         self.groups = _task_groups(task_ids, self.num_tasks)
+        self.grads.start_micro_batch()
         self.task_ids = task_ids
 
 
@@ -100,7 +103,8 @@ class _TaskLinearFn(torch.autograd.Function):
         x_c, w_c = ctx.saved_tensors
         grad_out = grad_out.to(w_c.dtype)
         module = ctx.module
-        slot = module._olr_slot  # [T, out, in] view of the fp32 buffer
+        grads = module._olr_state.grads
+        slot = grads.slot(module._olr_factor, module._olr_index)  # [T, out, in] view of the fp32 buffer
         d_in, d_out = x_c.shape[-1], grad_out.shape[-1]
         for group in ctx.groups:
             if group[0] == "bmm":  # slot[t] += g_t^T u_t for all t at once
@@ -117,6 +121,7 @@ class _TaskLinearFn(torch.autograd.Function):
                 g, u = grad_out.index_select(0, rows), x_c.index_select(0, rows)
             g2, u2 = g.reshape(-1, d_out), u.reshape(-1, d_in)
             slot[t].addmm_(g2.t(), u2) if slot.dtype == g2.dtype else slot[t].add_(g2.t() @ u2)
+        grads.factor_done(module._olr_index)
         grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
@@ -125,7 +130,8 @@ class _TaskLinear(nn.Linear):
     """nn.Linear whose weight gradient is captured per task (class swapped in place, see install)."""
 
     _olr_state: CaptureState
-    _olr_slot: torch.Tensor
+    _olr_factor: LoraFactor
+    _olr_index: int
     _olr_name: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,31 +176,22 @@ def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
     return found
 
 
-def new_buffer(layout: Layout, num_tasks: int) -> torch.Tensor:
-    """Zeroed [N, T, n] fp32 per-task gradient buffer on the device of the LoRA factors."""
-    device = layout.factors[0].param.device
-    return torch.zeros(layout.num_regions, num_tasks, layout.region_size, dtype=torch.float32, device=device)
-
-
-def factor_view(buffer: torch.Tensor, f: LoraFactor) -> torch.Tensor:
-    """[T, *weight.shape] view of one factor's per-task gradients inside the buffer."""
-    return buffer[f.region, :, f.offset : f.offset + f.numel].view(buffer.shape[1], *f.param.shape)
-
-
 class TaskGradCapture:
     """Installs per-task gradient capture on every LoRA factor of a PEFT model.
 
-    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave the sum over micro-batches of
-    the per-task LoRA gradients in ``buffer`` ([N, T, n] fp32, see layout.py); LoRA ``.grad`` stays None.
+    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave the per-task LoRA gradients
+    (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
     """
 
-    def __init__(self, model: nn.Module, num_tasks: int, granularity: str = "factor", num_regions: int = 1) -> None:
+    def __init__(
+        self, model: nn.Module, num_tasks: int, granularity: str = "factor", comm: Comm | None = None, policy: str = "step"
+    ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        self.layout: Layout = build_layout(find_lora_factors(model), granularity, num_regions)
-        self.buffer = new_buffer(self.layout, num_tasks)
-        self.state = CaptureState(num_tasks, self.buffer)
-        self._installed = False
+        comm = comm or LocalComm()
+        self.layout: Layout = build_layout(find_lora_factors(model), granularity, comm.world_size)
+        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, policy)
+        self.state = CaptureState(num_tasks, self.grads)
         self.install()
 
     @property
@@ -204,24 +201,17 @@ class TaskGradCapture:
     def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
         self.state.set_tasks(torch.as_tensor(task_ids))
 
-    def factor_view(self, i: int) -> torch.Tensor:
-        return factor_view(self.buffer, self.layout.factors[i])
-
     def install(self) -> None:
         for i, f in enumerate(self.layout.factors):
             f.module.__class__ = _TaskLinear
             f.module._olr_state = self.state
-            f.module._olr_slot = self.factor_view(i)
+            f.module._olr_factor = f
+            f.module._olr_index = i
             f.module._olr_name = f.name
-        self._installed = True
 
     def remove(self) -> None:
         """Give the factors back their plain nn.Linear class."""
         for f in self.layout.factors:
             f.module.__class__ = nn.Linear
-            for attr in ("_olr_state", "_olr_slot", "_olr_name"):
+            for attr in ("_olr_state", "_olr_factor", "_olr_index", "_olr_name"):
                 f.module.__dict__.pop(attr, None)
-        self._installed = False
-
-    def zero_(self) -> None:
-        self.buffer.zero_()

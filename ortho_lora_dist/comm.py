@@ -20,6 +20,9 @@ class Comm(Protocol):
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
         """Local [N, T, n] per-task sums -> region ``rank`` ([T, n]) of the global per-task mean over ranks."""
 
+    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
+        """Sum ``region`` over ranks into rank ``owner``'s copy (in place there)."""
+
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
         """Partial [B, T, T] Gram matrices of this rank's region -> the global ones (sum over ranks)."""
 
@@ -38,6 +41,9 @@ class LocalComm:
 
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[0]
+
+    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
+        return None
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
         return grams
@@ -64,19 +70,31 @@ class DistComm:
         self.dist, self.group = dist, group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.sent_bytes: dict[str, int] = {}  # bytes each rank sends, per collective (ring algorithms)
+
+    def _count(self, name: str, full_bytes: int, factor: float) -> None:
+        n = self.world_size
+        self.sent_bytes[name] = self.sent_bytes.get(name, 0) + int(full_bytes * factor * (n - 1) / n)
 
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
         if buffer.shape[0] != self.world_size:
             raise ValueError(f"buffer has {buffer.shape[0]} regions for {self.world_size} ranks")
+        self._count("reduce_task_grads", buffer.numel() * buffer.element_size(), 1)
         out = torch.empty(buffer[0].numel(), dtype=buffer.dtype, device=buffer.device)
         self.dist.reduce_scatter_tensor(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
         return out.div_(self.world_size).view(buffer.shape[1:])
 
+    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
+        self._count("reduce_task_grads", region.numel() * region.element_size(), 1)  # as one reduce-scatter slice
+        self.dist.reduce(region, dst=owner, op=self.dist.ReduceOp.SUM, group=self.group)
+
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
+        self._count("all_reduce_grams", grams.numel() * grams.element_size(), 2)
         self.dist.all_reduce(grams, op=self.dist.ReduceOp.SUM, group=self.group)
         return grams
 
     def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
+        self._count("all_gather_combined", self.world_size * combined.numel() * combined.element_size(), 1)
         out = torch.empty(self.world_size * combined.numel(), dtype=combined.dtype, device=combined.device)
         self.dist.all_gather_into_tensor(out, combined.contiguous(), group=self.group)
         return out.view(self.world_size, -1)
@@ -85,6 +103,7 @@ class DistComm:
         if not tensors:
             return
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        self._count("all_reduce_heads", flat.numel() * flat.element_size(), 2)
         self.dist.all_reduce(flat, op=self.dist.ReduceOp.SUM, group=self.group)
         flat.div_(self.world_size)
         offset = 0

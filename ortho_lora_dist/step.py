@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .blocks import block_grams, combine_region, gram_telemetry
-from .capture import TaskGradCapture, factor_view, find_lora_factors, new_buffer
+from .buffer import TaskGradBuffer
+from .capture import TaskGradCapture, find_lora_factors
 from .comm import Comm, LocalComm
 from .layout import Layout, build_layout
 from .order import TaskOrder
@@ -75,6 +76,7 @@ class OrthoLoRA:
         mode: Mode = "one_backward",
         task_params: Mapping[int, Iterable[nn.Parameter]] | None = None,
         comm: Comm | None = None,
+        reduce: str = "step",
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -87,17 +89,21 @@ class OrthoLoRA:
         if bad:
             raise ValueError(f"task_params has task ids {bad} outside [0, {num_tasks - 1}]")
         self.order = TaskOrder(num_tasks, seed)
-        regions = self.comm.world_size
         if mode == "one_backward":
-            self.capture: TaskGradCapture | None = TaskGradCapture(model, num_tasks, granularity, regions)
+            self.capture: TaskGradCapture | None = TaskGradCapture(model, num_tasks, granularity, self.comm, reduce)
             self.layout: Layout = self.capture.layout
-            self.buffer = self.capture.buffer
+            self.grads = self.capture.grads
         else:
             self.capture = None
-            self.layout = build_layout(find_lora_factors(model), granularity, regions)
-            self.buffer = new_buffer(self.layout, num_tasks)
+            self.layout = build_layout(find_lora_factors(model), granularity, self.comm.world_size)
+            self.grads = TaskGradBuffer(self.layout, num_tasks, self.comm, reduce)
         self.lora_params = [f.param for f in self.layout.factors]
         _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The local [N, T, n] per-task gradients (reduce policy 'step')."""
+        return self.grads.all_local()
 
     # -- capture ---------------------------------------------------------------------------------------
     def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
@@ -121,9 +127,11 @@ class OrthoLoRA:
             return
         heads = [p for t in range(self.num_tasks) for p in self.task_params.get(t, [])]
         grads = reference_task_grads(weighted, self.lora_params + heads)
+        self.grads.start_micro_batch()
         offset = 0
-        for f in self.layout.factors:
-            factor_view(self.buffer, f).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
+        for i, f in enumerate(self.layout.factors):
+            self.grads.slot(f, i).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
+            self.grads.factor_done(i)
             offset += f.numel
         for t in range(self.num_tasks):  # a head's gradient is its own task's row
             for p in self.task_params.get(t, []):
@@ -134,7 +142,7 @@ class OrthoLoRA:
     # -- reduce -> project -------------------------------------------------------------------------------
     def project(self) -> StepResult:
         """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns."""
-        region, index = self.comm.reduce_task_grads(self.buffer), self.comm.rank
+        region, index = self.grads.reduced_region(), self.comm.rank
         grams = self.comm.sum_grams(block_grams(region, index, self.layout))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
@@ -165,7 +173,7 @@ class OrthoLoRA:
 
     def zero_grad(self) -> None:
         """Clear the per-task buffer and all LoRA / head gradients before the next accumulation."""
-        self.buffer.zero_()
+        self.grads.zero_()
         for p in self.lora_params + self.head_params():
             p.grad = None
 

@@ -1,8 +1,9 @@
-"""One training run for the exactness tests: ``python tests/dist_worker.py`` (single process) or under
-``torchrun --nproc_per_node 2`` / the ``deepspeed`` launcher. Writes the final LoRA weights per rank.
+"""Training runs for the exactness tests: ``python tests/dist_worker.py --engine single`` (one process)
+or under ``torchrun --nproc_per_node 2`` / the ``deepspeed`` launcher. For every variant
+(strategy:granularity) it trains a fresh model and writes the final LoRA weights per rank.
 
 The global batch of step s holds ROWS samples of every task; rank r of N takes rows
-[r*ROWS/N, (r+1)*ROWS/N) of each task, so the single-process run sees exactly the union.
+[r*ROWS/N, (r+1)*ROWS/N) of each task, so the single-process run sees exactly their union.
 """
 
 from __future__ import annotations
@@ -23,31 +24,104 @@ from ortho_lora_dist.order import TaskOrder  # noqa: E402
 from ortho_lora_dist.projection import combine_weights  # noqa: E402
 from tests.models import VOCAB, lm_task_losses, lora_llama  # noqa: E402
 
-T, ROWS, L = 3, 4, 8
+T, ROWS, L, SEED, LR = 3, 4, 8, 7, 1e-2
 
 
-def global_batch(step: int, conflict: bool):
+def global_batch(step: int) -> list[torch.Tensor]:
     ids = []
     for t in range(T):
-        gen = torch.Generator().manual_seed(1000 * step + t)
-        rows = torch.randint(1, VOCAB, (ROWS, L), generator=gen)
-        if conflict and t == 1:  # task 1's rank-0 half copies task 0 shifted: local/global conflicts differ
+        rows = torch.randint(1, VOCAB, (ROWS, L), generator=torch.Generator().manual_seed(1000 * step + t))
+        if t == 1:  # half of task 1 is task 0 shifted: the ranks see different conflicts than the global batch
             rows[: ROWS // 2] = ids[0][: ROWS // 2].roll(1, dims=1)
         ids.append(rows)
     return ids
 
 
-def local_batch(step, rank, world, conflict):
+def local_batch(step: int, rank: int, world: int):
     per = ROWS // world
-    parts = [x[rank * per : (rank + 1) * per] for x in global_batch(step, conflict)]
-    return torch.cat(parts), torch.arange(T).repeat_interleave(per)
+    return torch.cat([x[rank * per : (rank + 1) * per] for x in global_batch(step)]), torch.arange(T).repeat_interleave(per)
+
+
+def project_then_reduce(olr: OrthoLoRA, comm) -> torch.Tensor:
+    """What a wrong implementation would hand over: project each rank's LOCAL per-task grads, then average."""
+    order = TaskOrder(T, SEED).next()  # the order the real first step draws
+    world = comm.world_size
+    wrong = torch.cat([
+        combine_region(olr.buffer[r], r, olr.layout, combine_weights(block_grams(olr.buffer[r], r, olr.layout), order))
+        for r in range(world)
+    ])
+    comm.dist.all_reduce(wrong)
+    return wrong / world
+
+
+def build_engine(args, olr, model, comm, world):
+    if args.engine == "deepspeed":
+        import deepspeed
+
+        from ortho_lora_dist.engines.deepspeed_engine import DeepSpeedAdapter, load_ds_config
+
+        cfg = load_ds_config(args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=0.0, lr=LR)
+        opt = torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01)
+        ds_engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=olr.lora_params, config=cfg)
+        return DeepSpeedAdapter(olr, ds_engine)
+    from ortho_lora_dist.engines import TorchEngine
+    from ortho_lora_dist.engines.base import broadcast_trainable_
+
+    if comm is not None:
+        broadcast_trainable_(model)
+    return TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01))
+
+
+def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
+    parts = variant.split(":")
+    strategy, granularity, reduce = parts + ["factor", "step"][len(parts) - 1 :]
+    torch.manual_seed(0)
+    quant = None if args.quant == "none" else args.quant
+    model = lora_llama(args.model, quant=quant, storage=torch.bfloat16 if quant else None)
+    model.train()
+    lora_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if args.engine == "fsdp":
+        from ortho_lora_dist.capture import find_lora_factors
+        from ortho_lora_dist.engines.fsdp import shard_base
+
+        shard_base(model, [lin.weight for _, _, lin in find_lora_factors(model)])
+    olr = OrthoLoRA(model, T, strategy=strategy, granularity=granularity, seed=SEED, comm=comm, reduce=reduce)
+    init = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in lora_names}
+    engine = build_engine(args, olr, model, comm, world)
+    out = os.path.join(args.out, variant.replace(":", "-"))
+    os.makedirs(out, exist_ok=True)
+
+    probe = torch.randint(1, VOCAB, (2, L), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        olr.set_tasks(torch.zeros(2, dtype=torch.long))
+        save_file({"logits": model(input_ids=probe).logits.float().contiguous()}, os.path.join(out, f"forward{rank}.safetensors"))
+
+    record: dict = {"orders": [], "peak_buffer_bytes": 0}
+    for step in range(args.steps):
+        for micro in range(args.accum):
+            ids, tids = local_batch(args.accum * step + micro, rank, world)
+            olr.set_tasks(tids)
+            olr.backward(lm_task_losses(model, ids, tids, T) / args.accum)
+        wrong = project_then_reduce(olr, comm) if step == 0 and comm is not None and reduce == "step" else None
+        result = olr.project()
+        if wrong is not None:
+            right = comm.gather_regions(result.combined).reshape(-1)
+            record["project_then_reduce_rel"] = float((wrong - right).norm() / right.norm())
+        record["orders"].append(result.order)
+        record["peak_buffer_bytes"] = olr.grads.peak_bytes
+        engine.apply(result)
+    final = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if n in lora_names}
+    save_file(final, os.path.join(out, f"rank{rank}.safetensors"))
+    save_file(init, os.path.join(out, f"init{rank}.safetensors"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    return record
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--engine", choices=["single", "ddp", "fsdp", "deepspeed"], required=True)
-    p.add_argument("--strategy", default="ortho")
-    p.add_argument("--granularity", default="factor")
+    p.add_argument("--variants", default="joint,ortho:factor,ortho:global,ortho:factor:eager")
     p.add_argument("--quant", default="none")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
@@ -61,85 +135,18 @@ def main():
     if args.engine != "single":
         import torch.distributed as dist
 
+        from ortho_lora_dist.comm import DistComm
+
         if args.engine == "deepspeed":
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="gloo")
         else:
             dist.init_process_group("gloo")
-        from ortho_lora_dist.comm import DistComm
-
         comm = DistComm()
     rank, world = (comm.rank, comm.world_size) if comm else (0, 1)
-
-    torch.manual_seed(0)
-    quant = None if args.quant == "none" else args.quant
-    model = lora_llama(args.model, quant=quant, storage=torch.bfloat16 if quant else None)
-    model.train()
-    lora_names = [n for n, p_ in model.named_parameters() if p_.requires_grad]
-    if args.engine == "fsdp":
-        from ortho_lora_dist.capture import find_lora_factors
-        from ortho_lora_dist.engines.fsdp import shard_base
-
-        keep = [lin.weight for _, _, lin in find_lora_factors(model)]
-        shard_base(model, keep)
-    olr = OrthoLoRA(model, T, strategy=args.strategy, granularity=args.granularity, seed=7, comm=comm)
-    lr = 1e-2
-    if args.engine == "deepspeed":
-        import deepspeed
-
-        from ortho_lora_dist.engines.deepspeed_engine import DeepSpeedAdapter, load_ds_config
-
-        cfg = load_ds_config(args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=0.0, lr=lr)
-        opt = torch.optim.AdamW(olr.lora_params, lr=lr, weight_decay=0.01)
-        ds_engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=olr.lora_params, config=cfg)
-        engine = DeepSpeedAdapter(olr, ds_engine)
-    else:
-        from ortho_lora_dist.engines import TorchEngine
-
-        if comm is not None:
-            from ortho_lora_dist.engines.base import broadcast_trainable_
-
-            broadcast_trainable_(model)
-        engine = TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=lr, weight_decay=0.01))
-
-    probe = torch.randint(1, VOCAB, (2, L), generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        olr.set_tasks(torch.zeros(2, dtype=torch.long))
-        logits = model(input_ids=probe).logits.float()
-    save_file({"logits": logits.contiguous()}, os.path.join(args.out, f"forward{rank}.safetensors")) if os.makedirs(args.out, exist_ok=True) is None else None
-    record = {"orders": [], "project_then_reduce_rel": None}
-    for step in range(args.steps):
-        for micro in range(args.accum):
-            ids, tids = local_batch(args.accum * step + micro, rank, world, conflict=True)
-            olr.set_tasks(tids)
-            losses = lm_task_losses(model, ids, tids, T)
-            record.setdefault("losses", []).append(losses.tolist())
-            olr.backward(losses / args.accum)
-        if step == 0 and comm is not None:
-            # what a wrong implementation would hand over: project locally, then average across ranks
-            # (local Grams, same order as the real step draws; the local buffer holds every region)
-            order = TaskOrder(T, 7).next() if step == 0 else None
-            wrong = torch.cat([
-                combine_region(olr.buffer[r], r, olr.layout,
-                               combine_weights(block_grams(olr.buffer[r], r, olr.layout), order))
-                for r in range(world)
-            ])
-            comm.dist.all_reduce(wrong)
-            wrong /= world
-        result = olr.project()
-        record["orders"].append(result.order)
-        record.setdefault("gnorm", []).append(result.task_grad_norms.tolist())
-        if step == 0 and comm is not None:
-            right = comm.gather_regions(result.combined).reshape(-1)
-            record["project_then_reduce_rel"] = float((wrong - right).norm() / right.norm())
-        engine.apply(result)
-
-    sd = {n: p_.detach().float().contiguous().clone() for n, p_ in model.named_parameters() if n in lora_names}
-    os.makedirs(args.out, exist_ok=True)
-    save_file(sd, os.path.join(args.out, f"rank{rank}.safetensors"))
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
+    for variant in args.variants.split(","):
+        run_variant(args, variant, comm, rank, world)
     if comm is not None:
         comm.dist.barrier()
         comm.dist.destroy_process_group()

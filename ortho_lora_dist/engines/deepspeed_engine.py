@@ -20,7 +20,9 @@ from ..step import OrthoLoRA, StepResult
 from .base import clip_
 
 
-def load_ds_config(path: str | Path, *, micro_batch: int, world_size: int, grad_clip: float, lr: float | None = None) -> dict:
+def load_ds_config(
+    path: str | Path, *, micro_batch: int, world_size: int, grad_clip: float, lr: float | None = None, bf16: bool = False
+) -> dict:
     """Read a ds_configs/*.json, refuse ZeRO-3, and fill "auto" values from the training config."""
     path = Path(path)
     try:
@@ -50,6 +52,9 @@ def load_ds_config(path: str | Path, *, micro_batch: int, world_size: int, grad_
     for key, value in auto.items():
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
+    for section, value in (("bf16", bf16), ("fp16", False)):
+        if cfg.get(section, {}).get("enabled") == "auto":
+            cfg[section]["enabled"] = value
     opt = cfg.get("optimizer", {}).get("params", {})
     if opt.get("lr") == "auto":
         opt["lr"] = lr
