@@ -64,15 +64,19 @@ def load_ds_config(
 class DeepSpeedAdapter:
     """Hands the combined LoRA gradient to a DeepSpeed engine built over the LoRA factors."""
 
-    def __init__(self, olr: OrthoLoRA, ds_engine, head_optimizer=None, head_scheduler=None, head_grad_clip: float = 0.0):
-        self.olr, self.engine = olr, ds_engine
+    def __init__(
+        self, olr: OrthoLoRA, ds_engine, scheduler=None, head_optimizer=None, head_scheduler=None, head_grad_clip: float = 0.0
+    ):
+        self.olr, self.engine, self.scheduler = olr, ds_engine, scheduler
         self.head_optimizer, self.head_scheduler, self.head_grad_clip = head_optimizer, head_scheduler, head_grad_clip
+        self.last_grad_norm = 0.0
 
     def apply(self, result: StepResult) -> None:
         olr, N = self.olr, self.olr.comm.world_size
         heads = olr.head_params()
         olr.comm.mean_([p.grad for p in heads if p.grad is not None])
         if result.skipped:  # every rank skips together (the Grams are global)
+            self._step_schedulers()
             olr.zero_grad()
             return
         surrogate = torch.zeros((), device=olr.lora_params[0].device)
@@ -84,15 +88,22 @@ class DeepSpeedAdapter:
                 surrogate = surrogate + (f.param * 0).sum()  # every factor gets a (zero) gradient
         self.engine.backward(surrogate)
         self.engine.step()
+        self.last_grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         if self.head_optimizer is not None and heads:
             clip_(heads, self.head_grad_clip)
             self.head_optimizer.step()
-            if self.head_scheduler is not None:
-                self.head_scheduler.step()
+        self._step_schedulers()
         olr.zero_grad()
+
+    def _step_schedulers(self) -> None:
+        for s in (self.scheduler, self.head_scheduler):
+            if s is not None:
+                s.step()
 
     def state_dict(self) -> dict:
         state = {}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
         if self.head_optimizer is not None:
             state["head_optimizer"] = self.head_optimizer.state_dict()
         if self.head_scheduler is not None:
@@ -100,6 +111,8 @@ class DeepSpeedAdapter:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.head_optimizer is not None and "head_optimizer" in state:
             self.head_optimizer.load_state_dict(state["head_optimizer"])
         if self.head_scheduler is not None and "head_scheduler" in state:

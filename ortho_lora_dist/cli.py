@@ -1,0 +1,107 @@
+"""``ortho-lora``: train | eval | plot | prepare-demo | launch | compare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, resume=args.resume).train()
+    return 0 if result is not None else 1
+
+
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import load_config
+    from .evaluate import evaluate
+    from .trainer import Trainer, print_table
+
+    cfg = load_config(args.config, args.overrides)
+    adapter = Path(args.adapter)
+    adapter = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter_model.safetensors (give the run's adapter/ directory)")
+    trainer = Trainer(cfg)
+    trainer.load_adapter(adapter)
+    results = {s: evaluate(trainer.model, trainer.tasks, s, trainer.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
+    results = {k: v for k, v in results.items() if v}
+    if trainer.info.main:
+        out = Path(args.output) if args.output else adapter.parent / "eval.json"
+        out.write_text(json.dumps(results, indent=1))
+        print_table(results, trainer.tasks)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.output_dir):
+        print(path)
+    return 0
+
+
+def _prepare_demo(args) -> int:
+    from .demo_data import prepare_demo
+
+    summary = prepare_demo(args.out, args.train, args.validation, args.test, args.seed)
+    for task, counts in summary.items():
+        print(f"{task:10s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ortho-lora", description="Exact Ortho-LoRA multi-task LoRA/QLoRA fine-tuning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one shared LoRA adapter on several tasks")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4 tasks.0.loss_weight=2")
+    t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained adapter on the config's validation/test splits")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--adapter", required=True, help="the run's output dir or its adapter/ directory")
+    e.add_argument("--output", help="where to write eval.json (default: beside the adapter)")
+    e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="loss per task and conflict heat map (PNG) of a run")
+    pl.add_argument("output_dir")
+    pl.set_defaults(func=_plot)
+
+    d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
+    d.add_argument("--out", default="data/demo")
+    d.add_argument("--train", type=int, default=512)
+    d.add_argument("--validation", type=int, default=200)
+    d.add_argument("--test", type=int, default=400)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_prepare_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Run telemetry (rank 0): metrics.jsonl (one JSON object per logged step), conflicts.jsonl (per-block
+conflict rate per logged step, for the heat map) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .step import StepResult
+
+
+def block_summary(result: StepResult, kinds: list[str]) -> dict:
+    """Conflict rate and mean pairwise cosine per block group: lora_A blocks, lora_B blocks, all."""
+    out = {}
+    groups = {"A": [i for i, k in enumerate(kinds) if k == "A"], "B": [i for i, k in enumerate(kinds) if k == "B"]}
+    groups["all"] = list(range(len(kinds)))
+    for name, idx in groups.items():
+        if idx:
+            sel = torch.tensor(idx)
+            out[f"conflict_rate/{name}"] = float(result.conflict_rate[sel].mean())
+            out[f"cosine/{name}"] = float(result.mean_cosine[sel].mean())
+    return out
+
+
+class Telemetry:
+    def __init__(self, output_dir: str | Path, task_names: list[str], enabled: bool, resume: bool = False) -> None:
+        self.enabled, self.task_names = enabled, task_names
+        self.dir = Path(output_dir)
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if resume else "w"
+        self.metrics = (self.dir / "metrics.jsonl").open(mode)
+        self.conflicts = (self.dir / "conflicts.jsonl").open(mode)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def log(self, record: dict, block_conflicts: list[float] | None = None) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if block_conflicts is not None:
+            self.conflicts.write(json.dumps({"step": record["step"], "conflict": block_conflicts}) + "\n")
+            self.conflicts.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key, value, record["step"])
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"{key}/{sub}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            self.conflicts.close()
+            self.tb.close()
