@@ -92,10 +92,11 @@ class EncoderMultiTask(nn.Module):
         from transformers import AutoModel
 
         path = resolve_model_path(cfg.model.name_or_path)
-        base = AutoModel.from_pretrained(
-            path, dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, None),
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        kw = dict(dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, None), trust_remote_code=cfg.model.trust_remote_code)
+        try:  # the pooler is unused (we pool ourselves): without it, no LoRA factor sits on a dead branch
+            base = AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
+        except TypeError:
+            base = AutoModel.from_pretrained(path, **kw)
         self.encoder = add_lora(base, cfg)
         hidden = base.config.hidden_size
         self.kinds = [t.config.type for t in tasks]

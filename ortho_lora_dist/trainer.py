@@ -80,12 +80,11 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
     # -- signals ------------------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict:
         def handler(signum, _frame):
             self._stop = signal.Signals(signum).name
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _agree_stop(self) -> bool:
         """All ranks agree at the step boundary: stop if any rank got the signal."""
@@ -117,10 +116,17 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run to the end (or to a signal); returns the final eval results (rank 0)."""
+        """Run to the end (or to a signal: SIGTERM/SIGUSR1 -> checkpoint, return); final eval results (rank 0)."""
+        previous = self._install_signals()
+        try:
+            return self._train_loop()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _train_loop(self) -> dict:
         from tqdm.auto import tqdm
 
-        self._install_signals()
         tc = self.cfg.train
         kinds = self.olr.layout.block_factor_kind()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.main, desc="train", dynamic_ncols=True)

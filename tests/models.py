@@ -88,3 +88,83 @@ class BertMultiHead(nn.Module):
             if rows.numel():
                 per = per.index_put((rows,), F.cross_entropy(head(h[rows]), labels[rows], reduction="none"))
         return task_mean(per, task_ids, len(self.heads))
+
+
+WORDS = (
+    "good great fine nice love happy best bad awful poor hate sad worst movie film plot actor scene "
+    "stock market bank shares trade oil price goal match team player coach season vote election party "
+    "the a is was and of to in it this that very not"
+).split()
+
+
+def save_word_tokenizer(path, kind: str):
+    """A real word-level fast tokenizer over WORDS (BERT-style specials, or Llama-style without pad)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "bert" else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def save_app_models(root) -> dict:
+    """Tiny BERT and Llama with word-level tokenizers, saved like hub checkpoints."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    root = __import__("pathlib").Path(root)
+    torch.manual_seed(0)
+    n = save_word_tokenizer(root / "bert", "bert")
+    BertModel(BertConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=64)).save_pretrained(root / "bert")
+    n = save_word_tokenizer(root / "llama", "llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)).save_pretrained(root / "llama")
+    return {"bert": str(root / "bert"), "llama": str(root / "llama")}
+
+
+def write_app_tasks(root, n_train: int = 64, n_eval: int = 24) -> dict:
+    """Two small real-looking text tasks (sentiment words, topic words) as JSONL train/validation/test."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(0)
+    pos, neg = WORDS[:7], WORDS[7:14]
+    topics = {"finance": WORDS[19:25], "sport": WORDS[25:31], "politics": WORDS[31:34]}
+    filler = WORDS[14:19] + WORDS[34:]
+
+    def sentiment():
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(pos if label == "pos" else neg, 2) + rng.sample(filler, 4)
+        rng.shuffle(words)
+        return {"text": " ".join(words), "label": label}
+
+    def topic():
+        label = rng.choice(sorted(topics))
+        words = rng.sample(topics[label], 2) + rng.sample(filler, 4)
+        rng.shuffle(words)
+        return {"text": " ".join(words), "label": label}
+
+    out = {}
+    for name, gen in (("sentiment", sentiment), ("topic", topic)):
+        out[name] = {}
+        for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+            p = Path(root) / name / f"{split}.jsonl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("".join(json.dumps(gen()) + "\n" for _ in range(n)))
+            out[name][split] = str(p)
+    return out
