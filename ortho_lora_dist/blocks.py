@@ -1,4 +1,4 @@
-"""Block-wise Gram matrices and combination over one region ([T, n], whole factors) of the buffer.
+"""Block-wise Gram matrices and combination over one region (flat [T * n], whole factors) of the buffer.
 
 A rank holding one region gets partial Gram matrices of the blocks that span several regions; the
 global one is their sum over ranks (G = sum over regions of g_r g_r^T), so only [B, T, T] tensors
@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from .layout import Layout
+from .layout import Layout, factor_rows
 from .projection import gram
 
 
-def block_grams(region: torch.Tensor, index: int, layout: Layout) -> torch.Tensor:
-    """[T, n] region ``index`` -> [B, T, T] fp32 (partial) block Gram matrices."""
-    T = region.shape[0]
+def block_grams(region: torch.Tensor, index: int, layout: Layout, num_tasks: int) -> torch.Tensor:
+    """Flat [T * n] region ``index`` -> [B, T, T] fp32 (partial) block Gram matrices."""
+    T = num_tasks
     grams = torch.zeros(layout.num_blocks, T, T, dtype=torch.float32, device=region.device)
     for f, b in layout.region_factors(index):
-        grams[b] += gram(region[:, f.offset : f.offset + f.numel])
+        grams[b] += gram(factor_rows(region, f, T))
     return grams
 
 
 def combine_region(region: torch.Tensor, index: int, layout: Layout, weights: torch.Tensor) -> torch.Tensor:
-    """combined[c] = sum_t weights[block(c), t] * region[t, c]: [T, n] -> [n] fp32 (padding stays 0)."""
-    out = torch.zeros(region.shape[1], dtype=torch.float32, device=region.device)
+    """combined[c] = sum_t weights[block(c), t] * g_t[c] over the region's columns: -> [n] fp32 (padding 0)."""
+    T = weights.shape[-1]
+    out = torch.zeros(layout.region_size, dtype=torch.float32, device=region.device)
     w = weights.to(device=region.device, dtype=torch.float32)
     for f, b in layout.region_factors(index):
-        torch.mv(region[:, f.offset : f.offset + f.numel].t(), w[b], out=out[f.offset : f.offset + f.numel])
+        torch.mv(factor_rows(region, f, T).t(), w[b], out=out[f.offset : f.offset + f.numel])
     return out
 
 def gram_telemetry(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

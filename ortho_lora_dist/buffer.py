@@ -1,7 +1,8 @@
-"""Storage of the per-task LoRA gradients: N regions of [T, n] (region r is reduced to / owned by rank r).
+"""Storage of the per-task LoRA gradients: N flat regions of T * n values (region r is reduced to /
+owned by rank r; inside, each factor is a contiguous [T, numel] block, see layout.py).
 
 Two policies, identical in result:
-  step   one [N, T, n] tensor, accumulated over all micro-batches and reduce-scattered at the optimizer
+  step   one [N, T * n] tensor, accumulated over all micro-batches and reduce-scattered at the optimizer
          step (one collective; memory T*P per rank). The default in one process.
   eager  ZeRO-2 style: in every micro-batch's backward, as soon as a factor has written its per-task
          gradients ([T, numel]), they are summed into the rank owning the factor's region
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .comm import Comm, LocalComm
-from .layout import Layout, LoraFactor
+from .layout import Layout, LoraFactor, factor_rows
 
 POLICIES = ("step", "eager")
 
@@ -29,7 +30,7 @@ class TaskGradBuffer:
             raise ValueError(f"reduce policy must be one of {POLICIES}, got {policy!r}")
         self.layout, self.num_tasks, self.comm, self.policy = layout, num_tasks, comm or LocalComm(), policy
         self.device = layout.factors[0].param.device
-        self.shape = (num_tasks, layout.region_size)
+        self.shape = (num_tasks * layout.region_size,)
         self.peak_bytes = 0
         self._bytes = 0
         if policy == "step":
@@ -61,10 +62,11 @@ class TaskGradBuffer:
     def slot(self, f: LoraFactor, index: int) -> torch.Tensor:
         """[T, *weight.shape] tensor where factor f accumulates its per-task gradients."""
         if self.policy == "step":
-            region = self.full[f.region]
-            return region[:, f.offset : f.offset + f.numel].view(self.num_tasks, *f.param.shape)
+            return factor_rows(self.full[f.region], f, self.num_tasks).view(self.num_tasks, *f.param.shape)
         if self.done[index]:
             raise RuntimeError(f"LoRA factor {f.name} ran twice in one forward: use reduce policy 'step'")
+        if f.region == self.comm.rank:  # the owner accumulates in place; dist.reduce adds the others' parts
+            return factor_rows(self.owned, f, self.num_tasks).view(self.num_tasks, *f.param.shape)
         if index not in self.in_flight:
             self.in_flight[index] = self._alloc(self.num_tasks, f.numel)
         return self.in_flight[index].view(self.num_tasks, *f.param.shape)
@@ -74,16 +76,17 @@ class TaskGradBuffer:
         if self.policy != "eager":
             return
         f = self.layout.factors[index]
-        local = self.in_flight.pop(index)
-        self.comm.reduce_region(local, f.region)
         if f.region == self.comm.rank:
-            self.owned[:, f.offset : f.offset + f.numel] += local
-        self._bytes -= local.nbytes
+            self.comm.reduce_region(factor_rows(self.owned, f, self.num_tasks), f.region)
+        else:
+            local = self.in_flight.pop(index)
+            self.comm.reduce_region(local, f.region)
+            self._bytes -= local.nbytes
         self.done[index] = True
 
     # -- step side -----------------------------------------------------------------------------------------
     def reduced_region(self) -> torch.Tensor:
-        """Global per-task mean over ranks of this rank's region, [T, n]."""
+        """Global per-task mean over ranks of this rank's region, flat [T * n]."""
         if self.policy == "step":
             return self.comm.reduce_task_grads(self.full)
         if not all(self.done):
@@ -91,7 +94,7 @@ class TaskGradBuffer:
         return self.owned.div_(self.comm.world_size)  # in place: zero_() clears it before the next step
 
     def all_local(self) -> torch.Tensor:
-        """The whole local [N, T, n] buffer (policy 'step' only: tests and the reference mode)."""
+        """The whole local [N, T * n] buffer (policy 'step' only: tests and the reference mode)."""
         if self.full is None:
             raise RuntimeError("the local per-task buffer is not kept under reduce policy 'eager'")
         return self.full

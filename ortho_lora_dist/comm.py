@@ -18,7 +18,7 @@ class Comm(Protocol):
     rank: int
 
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Local [N, T, n] per-task sums -> region ``rank`` ([T, n]) of the global per-task mean over ranks."""
+        """Local [N, T * n] per-task sums -> region ``rank`` (flat [T * n]) of the global per-task mean over ranks."""
 
     def reduce_region(self, region: torch.Tensor, owner: int) -> None:
         """Sum ``region`` over ranks into rank ``owner``'s copy (in place there)."""
@@ -82,7 +82,7 @@ class DistComm:
         self._count("reduce_task_grads", buffer.numel() * buffer.element_size(), 1)
         out = torch.empty(buffer[0].numel(), dtype=buffer.dtype, device=buffer.device)
         self.dist.reduce_scatter_tensor(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
-        return out.div_(self.world_size).view(buffer.shape[1:])
+        return out.div_(self.world_size)
 
     def reduce_region(self, region: torch.Tensor, owner: int) -> None:
         self._count("reduce_task_grads", region.numel() * region.element_size(), 1)  # as one reduce-scatter slice

@@ -1,9 +1,12 @@
 """Where each LoRA factor lives in the per-task gradient buffer, and which block it projects in.
 
-The buffer is [N, T, n]: N regions (one per data-parallel rank, N = 1 in one process), each a
-contiguous [T, n] matrix holding whole factors. Region r is the part of the global per-task
-gradients that rank r reduces, projects and hands to its engine, so a reduce-scatter of the flat
-buffer needs no copy. Factors are split into N contiguous runs of near-equal size.
+The buffer is [N, T * n]: N regions (one per data-parallel rank, N = 1 in one process) of n columns
+each, holding whole factors. Inside a region, factor f occupies the contiguous span
+[T * offset, T * (offset + numel)) as a row-major [T, numel] matrix, so every factor's per-task
+gradients are one contiguous tensor (in-place matmuls, per-factor reductions without copies) and a
+reduce-scatter of the flat buffer hands rank r its region without copies. Region r is the part of
+the global per-task gradients that rank r reduces, projects and hands to its engine. Factors are
+split into N contiguous runs of near-equal size.
 
 Granularity (the paper's "structure-aware decoupling" is ``factor``):
   factor  every lora_A weight and every lora_B weight is its own block (default, the paper)
@@ -59,6 +62,7 @@ class Layout:
         """(factor, block) for the factors stored in ``region``."""
         return [(f, b) for f, b in zip(self.factors, self.block_of.tolist()) if f.region == region]
 
+
     @property
     def num_blocks(self) -> int:
         return len(self.block_names)
@@ -69,6 +73,11 @@ class Layout:
         for f, b in zip(self.factors, self.block_of.tolist()):
             kinds[b].add(f.factor)
         return ["".join(sorted(k)) for k in kinds]
+
+
+def factor_rows(region: torch.Tensor, f: LoraFactor, num_tasks: int) -> torch.Tensor:
+    """[T, numel] contiguous view of factor f's per-task gradients inside a flat [T * n] region."""
+    return region[num_tasks * f.offset : num_tasks * (f.offset + f.numel)].view(num_tasks, f.numel)
 
 
 def _split(sizes: list[int], parts: int) -> list[int]:

@@ -102,7 +102,7 @@ class OrthoLoRA:
 
     @property
     def buffer(self) -> torch.Tensor:
-        """The local [N, T, n] per-task gradients (reduce policy 'step')."""
+        """The local [N, T * n] per-task gradients (reduce policy 'step'; see layout.py)."""
         return self.grads.all_local()
 
     # -- capture ---------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class OrthoLoRA:
     def project(self) -> StepResult:
         """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns."""
         region, index = self.grads.reduced_region(), self.comm.rank
-        grams = self.comm.sum_grams(block_grams(region, index, self.layout))
+        grams = self.comm.sum_grams(block_grams(region, index, self.layout, self.num_tasks))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
         if skipped:

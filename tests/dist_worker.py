@@ -47,7 +47,7 @@ def project_then_reduce(olr: OrthoLoRA, comm) -> torch.Tensor:
     order = TaskOrder(T, SEED).next()  # the order the real first step draws
     world = comm.world_size
     wrong = torch.cat([
-        combine_region(olr.buffer[r], r, olr.layout, combine_weights(block_grams(olr.buffer[r], r, olr.layout), order))
+        combine_region(olr.buffer[r], r, olr.layout, combine_weights(block_grams(olr.buffer[r], r, olr.layout, T), order))
         for r in range(world)
     ])
     comm.dist.all_reduce(wrong)
