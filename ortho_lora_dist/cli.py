@@ -1,4 +1,4 @@
-"""``ortho-lora``: train | eval | plot | launch | prepare-demo."""
+"""``ortho-lora``: train | eval | plot | launch | compare | prepare-demo."""
 
 from __future__ import annotations
 
@@ -79,6 +79,20 @@ def _launch(args) -> int:
     return run(cmd, env)
 
 
+def _compare(args) -> int:
+    from .compare import compare
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or str(cfg.output_dir) + "-compare"
+    summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
+    from .compare import to_markdown
+
+    print(to_markdown(summary))
+    print(f"written: {out}/compare.json, compare.md, compare.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ortho-lora", description="Exact Ortho-LoRA multi-task LoRA/QLoRA fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--resume", action="store_true", help="pass --resume to train (what requeued jobs do)")
     la.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
     la.set_defaults(func=_launch)
+
+    c = sub.add_parser("compare", help="single-task vs joint vs Ortho-LoRA vs flat PCGrad over seeds (resumable)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--methods", help="comma list from: single, joint, ortho-factor, ortho-module, pcgrad-global (default: all)")
+    c.add_argument("--out", help="default: OUTPUT_DIR-compare")
+    c.set_defaults(func=_compare)
 
     d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
     d.add_argument("--out", default="data/demo")

@@ -215,3 +215,22 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(env, tmp_path):
     ha = load_file(str(tmp_path / "full" / "adapter" / "heads.safetensors"))
     hb = load_file(str(tmp_path / "cut" / "adapter" / "heads.safetensors"))
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
+
+
+def test_compare_is_complete_and_resumable(env, tmp_path):
+    from ortho_lora_dist.compare import compare
+
+    cfg = load_config(make_config(env, tmp_path / "cmp", steps=3))
+    out = tmp_path / "cmp-compare"
+    s = compare(cfg, 2, out, ["single", "joint", "ortho-factor"])
+    assert s["split"] == "test"
+    assert set(s["methods"]) == {"single", "joint", "ortho-factor"}
+    e = s["methods"]["ortho-factor"]
+    assert set(e["per_task"]) == {"sentiment", "topic"} and "gap_recovery" in e and e["time_vs_joint"] > 0
+    assert 0 <= e["conflict_rate"] <= 1
+    for f in ("compare.json", "compare.md", "compare.png"):
+        assert (out / f).is_file()
+    assert sorted(p.name for p in (out / "runs" / "single" / "seed0").iterdir()) == ["sentiment", "topic"]
+    stamp = (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime
+    compare(cfg, 2, out, ["single", "joint", "ortho-factor"])  # finished runs are not redone
+    assert (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime == stamp

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The CPU study of README "Results" (about 50 minutes on 2 cores): all five methods x 3 seeds on the
+# demo benchmark, then the rank sweep (r = 4, 8, 16, 32; joint vs ortho-factor; 2 seeds), then the
+# controlled-conflict benchmark. Resumable: finished runs are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
+OL=.venv/bin/ortho-lora
+[ -f data/demo/sentiment/train.jsonl ] || $OL prepare-demo
+$OL compare configs/study.yaml --seeds 3 --out runs/study
+for r in 4 8 16 32; do
+  out=runs/rank-r$r
+  if [ "$r" = 8 ]; then  # r=8 is the main study's setting: reuse its finished runs
+    for m in joint ortho-factor; do for s in 0 1; do
+      mkdir -p "$out/runs/$m"; [ -e "$out/runs/$m/seed$s" ] || ln -s "$PWD/runs/study/runs/$m/seed$s" "$out/runs/$m/seed$s"
+    done; done
+  fi
+  $OL compare configs/study.yaml "lora.r=$r" "lora.alpha=$((2 * r))" --seeds 2 --methods joint,ortho-factor --out "$out"
+done
+.venv/bin/python bench/conflict_knob.py --out runs/conflict-knob
