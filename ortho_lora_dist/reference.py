@@ -1,7 +1,10 @@
 """The slow, obviously-correct way: T separate backward passes (the paper's Algorithm 1).
 
-g_t = d(task_losses[t]) / d(params) by ``torch.autograd.grad`` on the retained graph, one task at a
-time. Used as ground truth by the tests and as the baseline of the benchmark.
+g_t = d(task_losses[t]) / d(params), one task at a time, by ``backward(retain_graph=True)`` on the
+shared forward graph and reading ``.grad`` (not ``torch.autograd.grad``: reentrant gradient
+checkpointing, which bitsandbytes setups use, supports only ``backward``; ``autograd.grad`` would
+silently miss every parameter inside a checkpointed block). Used as ground truth by the tests and as
+the baseline of the benchmarks; single process only (engine hooks would fire on ``.grad``).
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ from torch import nn
 
 def reference_task_grads(task_losses: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
     """[T] task losses -> [T, P] per-task gradients of ``params`` (flattened in order), fp32."""
+    params = list(params)
+    saved = [p.grad for p in params]  # leave existing gradients as they were
     num_tasks = task_losses.numel()
     rows = []
-    for t in range(num_tasks):
-        loss_t = task_losses[t]
-        if loss_t.requires_grad:
-            grads = torch.autograd.grad(loss_t, list(params), retain_graph=t < num_tasks - 1, allow_unused=True)
-        else:
-            grads = (None,) * len(params)
-        rows.append(
-            torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1) for p, g in zip(params, grads)])
-        )
+    try:
+        for t in range(num_tasks):
+            for p in params:
+                p.grad = None
+            if task_losses[t].requires_grad:
+                task_losses[t].backward(retain_graph=t < num_tasks - 1)
+            rows.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).float().reshape(-1) for p in params]))
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
     return torch.stack(rows)

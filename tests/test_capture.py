@@ -101,6 +101,22 @@ def test_gradient_checkpointing(llama_dir, reentrant):
     assert rel(olr.buffer, ref.buffer) < 1e-5
 
 
+def test_reference_mode_under_reentrant_checkpointing(llama_dir):
+    """The reference itself must not silently lose gradients inside reentrant checkpointed blocks."""
+    ids, mask, tids = batch()
+    plain = lora_llama(llama_dir)
+    ref = OrthoLoRA(plain, T, mode="reference")
+    ref.backward(lm_task_losses(plain, ids, tids, T, mask))
+    model = lora_llama(llama_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    ck = OrthoLoRA(model, T, mode="reference")
+    ck.backward(lm_task_losses(model, ids, tids, T, mask))
+    assert ck.buffer.abs().sum() > 0
+    assert rel(ck.buffer, ref.buffer) < 1e-5
+
+
 def test_accumulation_over_per_task_micro_batches(llama_dir):
     micro = []
     for t in range(T):
