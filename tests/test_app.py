@@ -234,3 +234,9 @@ def test_compare_is_complete_and_resumable(env, tmp_path):
     stamp = (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime
     compare(cfg, 2, out, ["single", "joint", "ortho-factor"])  # finished runs are not redone
     assert (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime == stamp
+
+
+@pytest.mark.parametrize("name", ["demo", "study", "paper_glue", "llama7b_qlora"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.tasks and cfg.output_dir
