@@ -225,7 +225,10 @@ class Trainer:
         if not self.info.main:
             return
         where.mkdir(parents=True, exist_ok=True)
-        self.model.peft_model.save_pretrained(str(where / "adapter"))
+        peft = self.model.peft_model
+        # only the (replicated) LoRA tensors: model.state_dict() would run FSDP's collective hooks on rank 0 alone
+        trainable = {n: p.detach() for n, p in peft.named_parameters() if p.requires_grad}
+        peft.save_pretrained(str(where / "adapter"), state_dict=trainable)
         heads = {f"heads.{n}": p.detach().cpu().contiguous() for n, p in getattr(self.model, "heads", torch.nn.Module()).named_parameters()}
         if heads:
             save_file(heads, str(where / "adapter" / "heads.safetensors"))
