@@ -65,6 +65,13 @@ def _quantization(cfg: ModelConfig, storage: torch.dtype | None):
     )
 
 
+def _placement(cfg: ModelConfig) -> dict:
+    """Quantized weights are created where they will run: on this rank's GPU when there is one."""
+    if cfg.quantization != "none" and torch.cuda.is_available():
+        return {"device_map": {"": torch.cuda.current_device()}}
+    return {}
+
+
 def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -92,7 +99,10 @@ class EncoderMultiTask(nn.Module):
         from transformers import AutoModel
 
         path = resolve_model_path(cfg.model.name_or_path)
-        kw = dict(dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, None), trust_remote_code=cfg.model.trust_remote_code)
+        kw = dict(
+            dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, None),
+            trust_remote_code=cfg.model.trust_remote_code, **_placement(cfg.model),
+        )
         try:  # the pooler is unused (we pool ourselves): without it, no LoRA factor sits on a dead branch
             base = AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
         except TypeError:
@@ -167,7 +177,7 @@ class CausalLMMultiTask(nn.Module):
         path = resolve_model_path(cfg.model.name_or_path)
         base = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, quant_storage),
-            trust_remote_code=cfg.model.trust_remote_code,
+            trust_remote_code=cfg.model.trust_remote_code, **_placement(cfg.model),
         )
         self.model = add_lora(base, cfg)
         self.tasks, self.tokenizer, self.max_length = tasks, tokenizer, cfg.model.max_length
