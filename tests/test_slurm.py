@@ -152,3 +152,24 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, app, tmp_path):
     a = load_file(str(app["root"] / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(app["root"] / "cut" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "preempted + resumed run differs from the uninterrupted one"
+
+
+def test_dead_rank_ends_the_job(cluster, app, tmp_path):
+    """kill -9 one training rank: the whole 2-node job must end (FAILED) quickly, not hang to the time limit."""
+    import psutil
+
+    cfg = config(app, "dead", steps=5000)
+    log = tmp_path / "dead.out"
+    job = sbatch(cluster, "slurm/train_torchrun.sbatch", cfg, log)
+    metrics = app["root"] / "dead" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] and str(cfg) in p.info["cmdline"] and "ortho_lora_dist.cli" in p.info["cmdline"]
+               and "torchrun" not in p.info["cmdline"][0] and "launch" not in p.info["cmdline"]]
+    assert len(workers) == 2, [w.info["cmdline"] for w in workers]
+    start = time.time()
+    workers[1].kill()
+    assert wait_done(cluster, job, log, timeout=240) == "FAILED", log.read_text()[-3000:]
+    assert time.time() - start < 120, "the job outlived a dead rank by more than 2 minutes"
