@@ -121,3 +121,10 @@ def test_nf4_base(engine, runs):
     b = load_file(base / f"{engine}-nf4" / "ortho-factor" / "forward0.safetensors")["logits"]
     torch.testing.assert_close(b, a, rtol=0, atol=0)
     check_engine(single_dir, base / f"{engine}-nf4", ["ortho-factor"], 1e-4)
+
+
+def test_deepspeed_zero2_cpu_offload(runs, single):
+    """ds_configs/zero2_offload.json: optimizer state offloaded to the CPU by DeepSpeed, same numbers."""
+    base, model = runs
+    launch("deepspeed", base / "ds-offload", model, "--variants", "ortho:factor", "--ds-config", "ds_configs/zero2_offload.json")
+    check_engine(single, base / "ds-offload", ["ortho-factor"], 1e-5)
