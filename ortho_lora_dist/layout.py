@@ -17,6 +17,7 @@ Granularity (the paper's "structure-aware decoupling" is ``factor``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -59,8 +60,15 @@ class Layout:
         return sum(f.numel for f in self.factors)
 
     def region_factors(self, region: int) -> list[tuple[LoraFactor, int]]:
-        """(factor, block) for the factors stored in ``region``."""
-        return [(f, b) for f, b in zip(self.factors, self.block_of.tolist()) if f.region == region]
+        """(factor, block) for the factors stored in ``region`` (computed once; read twice every step)."""
+        return self._by_region[region]
+
+    @cached_property
+    def _by_region(self) -> list[list[tuple[LoraFactor, int]]]:
+        out: list[list[tuple[LoraFactor, int]]] = [[] for _ in range(self.num_regions)]
+        for f, b in zip(self.factors, self.block_of.tolist()):
+            out[f.region].append((f, b))
+        return out
 
 
     @property

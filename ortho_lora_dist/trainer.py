@@ -23,7 +23,7 @@ from .batching import MultiTaskSampler
 from .config import Config
 from .data import load_tasks
 from .evaluate import _to, evaluate
-from .modeling import build_model, load_tokenizer
+from .modeling import DTYPES, build_model, load_tokenizer
 from .setup import build_engine, init_distributed, shard_for_fsdp
 from .step import OrthoLoRA, StepResult
 from .telemetry import Telemetry, block_summary
@@ -44,7 +44,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         fsdp_nf4 = cfg.distributed.engine == "fsdp" and cfg.model.quantization == "nf4"
-        storage = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype] if fsdp_nf4 else None
+        storage = DTYPES[cfg.model.dtype] if fsdp_nf4 else None  # FSDP: 4-bit storage dtype = model dtype
         self.model = build_model(cfg, self.tasks, self.tokenizer, storage)
         if cfg.model.quantization == "none":
             self.model.to(self.info.device)
