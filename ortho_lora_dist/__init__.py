@@ -1,9 +1,21 @@
-"""ortho-lora-dist: exact Ortho-LoRA (arXiv 2601.09684) multi-task LoRA / QLoRA at scale."""
+"""ortho-lora-dist: exact multi-task LoRA / QLoRA gradients (one backward) under DDP, ZeRO-2 and FSDP2.
 
-from .capture import TaskGradCapture
-from .losses import task_mean
-from .projection import combine_weights, gram, joint_weights, project
-from .step import OrthoLoRA, StepResult
+Public names are imported lazily, so ``ortho-lora`` starts (and takes its signal handlers) before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["OrthoLoRA", "StepResult", "TaskGradCapture", "combine_weights", "gram", "joint_weights", "project", "task_mean"]
+_LAZY = {
+    "OrthoLoRA": "step", "StepResult": "step", "TaskGradCapture": "capture", "task_mean": "losses",
+    "combine_weights": "projection", "gram": "projection", "joint_weights": "projection", "project": "projection",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

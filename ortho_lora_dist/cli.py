@@ -9,12 +9,15 @@ import sys
 
 
 def _train(args) -> int:
+    from .signals import raise_on_stop
+
+    raise_on_stop()  # SIGTERM / SIGUSR1 before the loop: exit 0 with nothing written
     from .config import load_config
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg, resume=args.resume).train()
-    return 0 if result is not None else 1
+    return 0 if result is not None else 1  # a stop signal (checkpoint written) is a clean exit: 0
 
 
 def _eval(args) -> int:
@@ -30,14 +33,19 @@ def _eval(args) -> int:
     adapter = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter} holds no adapter_model.safetensors (give the run's adapter/ directory)")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, for_eval=True)  # reads the run; writes nothing but its own output file
     trainer.load_adapter(adapter)
     results = {s: evaluate(trainer.model, trainer.tasks, s, trainer.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
     results = {k: v for k, v in results.items() if v}
     if trainer.info.main:
-        out = Path(args.output) if args.output else adapter.parent / "eval.json"
-        out.write_text(json.dumps(results, indent=1))
+        out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
+        if out.resolve() in {(adapter.parent / n).resolve() for n in ("eval.json", "metrics.jsonl", "conflicts.jsonl", "config.yaml", "finished.json")}:
+            raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"adapter": str(adapter), **results}, indent=1))
+        tmp.replace(out)
         print_table(results, trainer.tasks)
+        print(f"written: {out}")
     return 0
 
 
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--adapter", required=True, help="the run's output dir or its adapter/ directory")
-    e.add_argument("--output", help="where to write eval.json (default: beside the adapter)")
+    e.add_argument("--output", help="where to write the results (default: RUN_DIR/eval-cli.json; the run's own files are never touched)")
     e.set_defaults(func=_eval)
 
     pl = sub.add_parser("plot", help="loss per task and conflict heat map (PNG) of a run")
@@ -148,16 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("ORTHO_LORA_VERBOSE"):  # library bars and load reports off unless asked for
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`train cfg.yaml --resume train.steps=9`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .signals import Interrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"stopped by {e} while loading, before training: nothing was written", file=sys.stderr)
+        return 0
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        print(f"error: {'the run failed: ' if code == 1 else ''}{e}", file=sys.stderr)
+        return code
+
+
+def _exit_code(e: Exception) -> int | None:
+    """2: bad input or a refused operation (one line, no traceback); 1: a run that failed; None: a bug (traceback)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .resume import ResumeMismatch
+    from .runlock import RunLocked
+    from .trainer import RunExists, TooManySkips, TrainingFailed
+
+    if isinstance(e, TrainingFailed):
+        return 1
+    if isinstance(e, (ConfigError, DataError, FileNotFoundError, FileExistsError, RunLocked, RunExists, ResumeMismatch,
+                      CheckpointError, TooManySkips)):
         return 2
+    return None
 
 
 if __name__ == "__main__":

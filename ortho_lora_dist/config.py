@@ -82,6 +82,7 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end / on signal)")
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept (0: all); the one resumed from is kept")
     eval_every: int = Field(0, ge=0)
     max_consecutive_skips: int = Field(10, gt=0)
     plots: bool = True
@@ -142,14 +143,39 @@ def _model_for(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | 
     return model
 
 
+# Names users bring from HF Trainer / PEFT / axolotl -> ours.
+ALIASES = {
+    "learning_rate": "train.lr", "lrate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "max_steps": "train.steps", "gradient_accumulation_steps": "train.gradient_accumulation",
+    "per_device_train_batch_size": "train.per_task_batch_size", "micro_batch_size": "train.per_task_batch_size",
+    "batch_size": "train.per_task_batch_size", "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
+    "save_steps": "train.checkpoint_every", "save_total_limit": "train.keep_checkpoints",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "lr_scheduler_type": "train.schedule",
+    "max_grad_norm": "train.max_grad_norm", "bf16": "model.dtype: bfloat16", "fp16": "model.dtype: float16",
+    "report_to": "(not supported yet: metrics go to metrics.jsonl and TensorBoard)", "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
+    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "sequence_len": "model.max_length",
+    "max_seq_length": "model.max_length", "load_in_4bit": "model.quantization: nf4", "load_in_8bit": "model.quantization: int8",
+    "seed": "train.seed", "gradient_checkpointing": "train.gradient_checkpointing", "output_dir": "output_dir",
+    "deepspeed": "distributed.deepspeed_config",
+}
+
+
+def _hint(key: str, valid: list[str]) -> str:
+    if key in ALIASES:
+        return f" (did you mean '{ALIASES[key]}'?)"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:
+        close = [v for v in valid if v.startswith(key[:2]) and len(key) >= 2 and (key.startswith(v) or v.startswith(key))]
+    return f" (did you mean '{close[0]}'?)" if close else (f" (valid: {', '.join(valid)})" if valid else "")
+
+
 def _describe(err: dict, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         parent = _model_for(tuple(err["loc"][:-1]))
         valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid: {', '.join(valid)})" if valid else "")
-        return f"{source}: unknown key '{loc}'{hint}"
+        return f"{source}: unknown key '{loc}'{_hint(str(err['loc'][-1]), valid)}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{loc}'"
     got = err.get("input")
@@ -158,17 +184,28 @@ def _describe(err: dict, source: str) -> str:
     return f"{source}: '{loc}': {msg}{shown}" if loc else f"{source}: {msg}"
 
 
-def _set(tree: dict, dotted: str, value: Any, source: str) -> None:
+def _set(tree: dict, dotted: str, value: Any, item: str) -> None:
+    """tree[a][b][c] = value for dotted 'a.b.c' (list indices as numbers); errors name the override."""
     parts = dotted.split(".")
     node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
-        try:
-            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
-        except (IndexError, TypeError):
-            raise ConfigError(f"{source}: override '{dotted}': '{'.'.join(parts[: i + 1])}' does not exist") from None
-    last: Any = int(parts[-1]) if isinstance(node, list) and parts[-1].isdigit() else parts[-1]
-    node[last] = value
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{item}': '{here}' does not exist ('{'.'.join(parts[:i]) or 'top'}' "
+                                  f"is a list of {len(node)} entries, indices 0..{len(node) - 1})")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is a value ({node!r}), not a section, "
+                              f"so it has no key '{part}'")
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -176,26 +213,51 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    raw_bytes = path.read_bytes()
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, tasks, train, ...)")
+    keys = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set(tree, key.strip(), yaml.safe_load(raw), "override")
-    return validate_config(tree, str(path))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        key = key.strip()
+        _set(tree, key, value, item)
+        keys.append((key, item))
+    # train.steps given on the command line replaces the file's train.epochs (and the reverse)
+    given = {k for k, _ in keys}
+    train = tree.get("train") if isinstance(tree.get("train"), dict) else None
+    if train is not None:
+        for mine, other in (("steps", "epochs"), ("epochs", "steps")):
+            if f"train.{mine}" in given and f"train.{other}" not in given and train.get(mine) is not None:
+                train[other] = None
+    return validate_config(tree, str(path), dict(keys))
 
 
-def validate_config(tree: dict, source: str = "config") -> Config:
+def validate_config(tree: dict, source: str = "config", overrides: dict[str, str] | None = None) -> Config:
+    """Validate; an error at a key set by an override names the override instead of the file."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         errors = e.errors()
-        lines = [_describe(err, source) for err in errors]
+        lines = []
+        for err in errors:
+            loc = ".".join(str(p) for p in err["loc"])
+            item = next((v for k, v in (overrides or {}).items() if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
+            lines.append(_describe(err, f"override '{item}'" if item else source))
         raise ConfigError(lines[0] if len(lines) == 1 else "\n".join(lines)) from None

@@ -7,6 +7,7 @@ indices over the task's label set. Any problem is one error naming the task, fil
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,26 @@ class TaskData:
         return len(self.labels) if self.labels else 1
 
 
+def _decode(raw: bytes, path: Path, i: int, unit: str = "line") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}, {unit} {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8 (before a CSV reader fails on it without saying where)."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            _decode(raw, path, i)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = _decode(raw, path, i)
             if not line.strip():
                 continue
             try:
@@ -54,6 +71,7 @@ def _read_file(path_str: str, task: str) -> tuple[list[dict], str]:
     if path.suffix in (".csv", ".tsv"):
         import datasets
 
+        _check_utf8(path)
         ds = datasets.load_dataset("csv", data_files=str(path), split="train", delimiter="\t" if path.suffix == ".tsv" else ",")
         return ds.to_list(), "row"
     raise DataError(f"task {task!r}: {path} is neither JSONL nor CSV/TSV")
@@ -62,7 +80,15 @@ def _read_file(path_str: str, task: str) -> tuple[list[dict], str]:
 def _read_hub(cfg: TaskConfig, split: str) -> list[dict]:
     import datasets
 
-    return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split).to_list()
+    from .modeling import hub_hint, is_unreachable
+
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split).to_list()
+    except Exception as e:
+        if not is_unreachable(e) and "offline" not in str(e).lower() and "couldn't" not in str(e).lower():
+            raise
+        raise DataError(f"task {cfg.name!r}: " + hub_hint("dataset", cfg.dataset).replace(
+            "huggingface-cli download, or save_pretrained", "datasets' save_to_disk, or JSONL/CSV files") + " under 'files'") from None
 
 
 def _records(rows: list[dict], cfg: TaskConfig, where: str, unit: str) -> list[dict]:
@@ -117,6 +143,9 @@ def load_task(cfg: TaskConfig) -> TaskData:
                     r["label"] = float(r["label"])
                 except (TypeError, ValueError):
                     raise DataError(f"{r['where']}: regression label {r['label']!r} is not a number") from None
+                if not math.isfinite(r["label"]):
+                    raise DataError(f"{r['where']}: regression label is {r['label']} (NaN/Inf labels would make every "
+                                    f"step of task {cfg.name!r} skip): fix or drop the record")
     else:
         for records in data.splits.values():
             for r in records:

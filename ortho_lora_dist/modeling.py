@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,12 +23,45 @@ from .losses import task_mean
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHARS_PER_TOKEN_BOUND = 50  # texts are cut to max_length * this many characters before tokenizing
+
+
+def bound_chars(text: str, max_length: int, keep_end: bool = False) -> str:
+    """Cut very long texts before the tokenizer sees them (tokenizing 5 MB to keep 128 tokens takes seconds)."""
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if keep_end else text[:limit]
+
+
+class ModelUnavailable(FileNotFoundError):
+    """The model cannot be found locally and the Hub cannot be reached (or does not have it)."""
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a Hub id ('org/name'): absolute, ./ ../ ~, or more than one '/'."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name
+
+
+def is_unreachable(e: BaseException) -> bool:
+    """A network / Hub lookup failure (requests, httpx, huggingface_hub) rather than a bug."""
+    mod = type(e).__module__ or ""
+    return isinstance(e, OSError) or mod.startswith(("requests", "httpx", "huggingface_hub", "urllib3"))
+
+
+def hub_hint(what: str, name: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    mode = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+    return (f"{what} {name!r} is not a local folder and {mode} (or it has no such repo): download it where the "
+            "Hub is reachable (huggingface-cli download, or save_pretrained) and give the local folder's path")
 
 
 def resolve_model_path(name: str) -> str:
-    """``pkg://package/sub/dir`` -> the directory inside an installed package; anything else unchanged."""
+    """``pkg://package/sub/dir`` -> the directory inside an installed package; local paths are checked; hub ids unchanged."""
     if not name.startswith("pkg://"):
-        return name
+        if looks_local(name) and not Path(name).expanduser().exists():
+            raise ModelUnavailable(f"model.name_or_path: local model directory {name} does not exist")
+        return str(Path(name).expanduser()) if looks_local(name) else name
     package, _, sub = name[len("pkg://") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -41,7 +75,13 @@ def resolve_model_path(name: str) -> str:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        if Path(path).exists() or not is_unreachable(e):
+            raise
+        raise ModelUnavailable(hub_hint("model.name_or_path", cfg.name_or_path)) from None
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:
@@ -125,7 +165,8 @@ class EncoderMultiTask(nn.Module):
     def collate(self, records: list[dict], task_ids: list[int]) -> dict:
         pairs = [r.get("text_pair") for r in records]
         enc = self.tokenizer(
-            [r["text"] for r in records], pairs if any(p is not None for p in pairs) else None,
+            [bound_chars(r["text"], self.max_length) for r in records],
+            [bound_chars(p, self.max_length) for p in pairs] if any(p is not None for p in pairs) else None,
             truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
         )
         return {**enc, "task_ids": torch.tensor(task_ids), "labels": torch.tensor([float(r["label"]) for r in records])}
@@ -162,8 +203,9 @@ class EncoderMultiTask(nn.Module):
         preds: list = [None] * len(task_ids)
         for t, rows, out in self._per_task(pooled, task_ids):
             values = out.argmax(-1) if self.kinds[t] == "classification" else out.squeeze(-1)
-            for i, v in zip(rows.tolist(), values.tolist()):
-                preds[i] = v
+            finite = torch.isfinite(out).all(-1).tolist()
+            for i, v, ok in zip(rows.tolist(), values.tolist(), finite):
+                preds[i] = v if ok else None  # None: a non-finite output, never scored as a prediction
         return preds
 
 
@@ -204,7 +246,7 @@ class CausalLMMultiTask(nn.Module):
     def _encode(self, prompts: list[str], answers: list[str]) -> dict:
         tok, ids, labels = self.tokenizer, [], []
         for p, a in zip(prompts, answers):
-            p_ids = tok(p, add_special_tokens=True)["input_ids"]
+            p_ids = tok(bound_chars(p, self.max_length, keep_end=True), add_special_tokens=True)["input_ids"]
             a_ids = tok(a, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
             p_ids = p_ids[-max(1, self.max_length - len(a_ids)) :]  # truncate the prompt from the left
             ids.append(p_ids + a_ids)
@@ -241,7 +283,8 @@ class CausalLMMultiTask(nn.Module):
                 words = [task.config.label_words[label] for label in task.labels]
                 enc = self._encode([self._prompt(t, r)] * len(words), words)
                 loss, mask = self._token_losses({k: v.to(self.device) for k, v in enc.items()})
-                preds.append(int((loss * mask).sum(1).argmin()))
+                scores = (loss * mask).sum(1)
+                preds.append(int(scores.argmin()) if bool(torch.isfinite(scores).all()) else None)
             else:
                 prompt = self.tokenizer(self._prompt(t, r), return_tensors="pt").to(self.device)
                 out = self.model.generate(**prompt, max_new_tokens=32, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)

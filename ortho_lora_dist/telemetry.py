@@ -24,19 +24,41 @@ def block_summary(result: StepResult, kinds: list[str]) -> dict:
     return out
 
 
+def _keep_until(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (written after the checkpoint a run resumes from), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut by a kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
+
+
 class Telemetry:
-    def __init__(self, output_dir: str | Path, task_names: list[str], enabled: bool, resume: bool = False) -> None:
+    """``resume_step``: None for a new run (files start empty); else the step resumed from (later records dropped)."""
+
+    def __init__(self, output_dir: str | Path, task_names: list[str], enabled: bool, resume_step: int | None = None) -> None:
         self.enabled, self.task_names = enabled, task_names
         self.dir = Path(output_dir)
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "conflicts.jsonl"):
+                _keep_until(self.dir / name, resume_step)
+        mode = "a" if resume_step is not None else "w"
         self.metrics = (self.dir / "metrics.jsonl").open(mode)
         self.conflicts = (self.dir / "conflicts.jsonl").open(mode)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        purge = resume_step + 1 if resume_step is not None else None  # TensorBoard hides events after the resume point
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict, block_conflicts: list[float] | None = None) -> None:
         if not self.enabled:
@@ -55,7 +77,7 @@ class Telemetry:
                         self.tb.add_scalar(f"{key}/{sub}", v, record["step"])
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.metrics.closed:
             self.metrics.close()
             self.conflicts.close()
             self.tb.close()

@@ -148,7 +148,7 @@ def test_encoder_run_outputs(env, tmp_path):
     loaded = dict(peft.named_parameters())[name.replace(".weight", ".default.weight")]
     torch.testing.assert_close(loaded, saved[name])
     heads = load_file(str(out / "adapter" / "heads.safetensors"))
-    assert set(heads) == {"heads.0.weight", "heads.0.bias", "heads.1.weight", "heads.1.bias"}
+    assert set(heads) == {"heads.sentiment.weight", "heads.sentiment.bias", "heads.topic.weight", "heads.topic.bias"}
     # eval reproduces the end-of-run numbers
     assert cli(["eval", str(path), "--adapter", str(out), "--output", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
@@ -160,26 +160,6 @@ def test_causal_lm_run(env, tmp_path):
     assert cli(["train", str(make_config(env, out, kind="causal-lm"))]) == 0
     ev = json.loads((out / "eval.json").read_text())["validation"]
     assert 0 <= ev["sentiment"] <= 1 and 0 <= ev["topic"] <= 1
-
-
-def test_nan_loss_steps_are_skipped(env, tmp_path):
-    d = tmp_path / "reg"
-    d.mkdir()
-    rows = [{"text": "good movie", "label": 1.0}, {"text": "bad film", "label": float("nan")}] * 8
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "run"
-    cfg = yaml.safe_load(make_config(env, out).read_text())
-    cfg["tasks"][1] = {"name": "score", "files": {"train": str(d / "train.jsonl")}, "type": "regression", "metric": "pearson"}
-    cfg["train"].update(per_task_batch_size=2, steps=6)
-    path = tmp_path / "nan.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert cli(["train", str(path)]) == 0
-    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
-    assert 0 < last["skipped_steps"] < 6
-    from ortho_lora_dist.trainer import TooManySkips
-
-    with pytest.raises(TooManySkips, match="in a row had a NaN/Inf"):
-        cli(["train", str(path), "train.max_consecutive_skips=1", f"output_dir={tmp_path / 'run2'}"])
 
 
 def _run(args, **kw):
