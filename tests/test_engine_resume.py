@@ -56,3 +56,35 @@ def test_resume_is_bitwise(engine, env, tmp_path):  # noqa: F811
     for f in ("adapter_model.safetensors", "heads.safetensors"):
         a, b = load_file(str(full / "adapter" / f)), load_file(str(cut / "adapter" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_resume_on_a_different_number_of_ranks(env, tmp_path):  # noqa: F811
+    """2 ranks x batch 2 for 3 steps, then 1 process x batch 4 to step 6 == 1 process x batch 4 throughout (1e-5)."""
+    from ortho_lora_dist.cli import main as cli
+
+    import json
+
+    common = dict(plots=False, schedule="constant")
+    full = make_config(env, tmp_path / "full", steps=6, **common)
+    cfg = yaml.safe_load(full.read_text())
+    # dropout masks are per-rank random streams (equal only in distribution): no dropout anywhere here
+    cfg["lora"]["dropout"] = 0.0
+    model = tmp_path / "bert-no-dropout"
+    shutil.copytree(cfg["model"]["name_or_path"], model)
+    mc = json.loads((model / "config.json").read_text())
+    mc.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(mc))
+    cfg["model"]["name_or_path"] = str(model)
+    full.write_text(yaml.safe_dump(cfg))
+    assert cli(["train", str(full)]) == 0
+    cut_cfg = {**cfg, "output_dir": str(tmp_path / "cut"), "train": {**cfg["train"], "steps": 3, "per_task_batch_size": 2}}
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(yaml.safe_dump(cut_cfg))
+    torchrun(["train", str(cut)], tmp_path / "cut.log")
+    assert cli(["train", str(cut), "--resume", "train.steps=6", "train.per_task_batch_size=2"]) == 2  # global batch 4 -> 2
+    assert cli(["train", str(cut), "--resume", "train.steps=6", "train.per_task_batch_size=4"]) == 0
+    for f in ("adapter_model.safetensors", "heads.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / "adapter" / f)), load_file(str(tmp_path / "cut" / "adapter" / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
