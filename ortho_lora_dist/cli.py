@@ -89,11 +89,16 @@ def _launch(args) -> int:
 
 def _compare(args) -> int:
     from .compare import compare
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(cfg.output_dir) + "-compare"
-    summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
+    try:
+        summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
+    except ValueError as e:
+        if "unknown method" in str(e):
+            raise ConfigError(f"--methods: {e}") from None
+        raise
     from .compare import to_markdown
 
     print(to_markdown(summary))
@@ -136,11 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
     la.set_defaults(func=_launch)
 
-    c = sub.add_parser("compare", help="single-task vs joint vs Ortho-LoRA vs flat PCGrad over seeds (resumable)")
+    c = sub.add_parser("compare", help="single-task vs joint vs multi-task rules over seeds, paired statistics (resumable)")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--methods", help="comma list from: single, joint, ortho-factor, ortho-module, pcgrad-global (default: all)")
+    c.add_argument("--methods", help="comma list: single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
+                   "or STRATEGY[-factor|-module|-global] (e.g. upgrad-global, norm_balance-factor); default: "
+                   "single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,"
+                   "cagrad-global,mgda-global,lossweights")
     c.add_argument("--out", help="default: OUTPUT_DIR-compare")
     c.set_defaults(func=_compare)
 

@@ -65,7 +65,8 @@ class TaskConfig(Strict):
 
 
 class TrainConfig(Strict):
-    strategy: Literal["ortho", "joint"] = "ortho"
+    strategy: str = Field("ortho", description="ortho | joint | norm_balance | a TorchJD weighting (see docs/design.md)")
+    strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
     granularity: Literal["factor", "module", "global"] = "factor"
     mode: Literal["one_backward", "reference"] = "one_backward"
     reduce: Literal["auto", "step", "eager"] = "auto"
@@ -86,6 +87,17 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0)
     max_consecutive_skips: int = Field(10, gt=0)
     plots: bool = True
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from .aggregators import STRATEGIES
+
+        if v not in STRATEGIES:
+            close = difflib.get_close_matches(v, STRATEGIES, n=1)
+            raise ValueError(f"unknown strategy {v!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"choose from {', '.join(STRATEGIES)}")
+        return v
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -120,6 +132,19 @@ class Config(Strict):
         if dup:
             raise ValueError(f"duplicate task names: {', '.join(dup)}")
         return tasks
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> "Config":
+        """Build the strategy once (cheap): unknown options, bad values and missing solvers fail here, named."""
+        from .aggregators import make_strategy
+
+        try:
+            make_strategy(self.train.strategy, self.train.strategy_options, len(self.tasks), 1)
+        except ImportError as e:
+            raise ValueError(str(e).split(" (")[0]) from None
+        except ValueError as e:
+            raise ValueError(f"train.strategy_options: {e}") from None
+        return self
 
 
 class ConfigError(ValueError):

@@ -19,13 +19,45 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gram", "projection_coefficients", "combine_weights", "joint_weights", "project", "check_order"]
+__all__ = ["FP32_GRAM_RANGE", "gram", "gram_fp64", "fp32_gram_ok", "fp64_grams", "projection_coefficients", "combine_weights", "joint_weights", "project", "check_order"]
+
+
+# Squares of fp32 numbers under- or overflow fp32 outside this range of ||g_t||^2 (see gram()).
+FP32_GRAM_RANGE = (2.0**-60, 2.0**100)
 
 
 def gram(grads: torch.Tensor) -> torch.Tensor:
-    """G = grads @ grads^T, accumulated in fp32 whatever the input dtype: [..., T, D] -> [..., T, T]."""
+    """G = grads @ grads^T as fp64, whatever the input dtype: [..., T, D] -> [..., T, T].
+
+    fp32 Grams fail on scale: a task of norm 1e-24 has ||g||^2 = 1e-48, 0 in fp32 (never projected against),
+    and a norm above ~1.8e19 overflows (a skipped step). In fp64 every product of two fp32 numbers is exact and
+    no square of one leaves the range. On CUDA (and for fp64 inputs) the Gram is accumulated in fp64: the
+    skinny matmul is memory-bound there, and TF32 cannot touch it. On CPU, where fp64 GEMMs of this shape are
+    ~4x slower than fp32, it is formed in fp32 and recomputed in fp64 only if a diagonal leaves FP32_GRAM_RANGE
+    (inside it no product or partial sum of the fp32 accumulation under- or overflows).
+    """
+    if fp64_grams(grads):
+        return gram_fp64(grads)
     g = grads.float()
+    G = g @ g.transpose(-1, -2)
+    return G.double() if bool(fp32_gram_ok(G).all()) else gram_fp64(grads)
+
+
+def fp64_grams(grads: torch.Tensor) -> bool:
+    """Whether Grams of ``grads`` are accumulated in fp64 directly (CUDA, fp64 input) rather than fp32-first."""
+    return grads.device.type == "cuda" or grads.dtype == torch.float64
+
+
+def gram_fp64(grads: torch.Tensor) -> torch.Tensor:
+    """G = grads @ grads^T accumulated in fp64: [..., T, D] -> [..., T, T]."""
+    g = grads.double()
     return g @ g.transpose(-1, -2)
+
+
+def fp32_gram_ok(grams: torch.Tensor) -> torch.Tensor:
+    """[..., T, T] fp32 Grams -> [...] bool: every diagonal inside FP32_GRAM_RANGE (NaN / inf: False)."""
+    d = torch.diagonal(grams, dim1=-2, dim2=-1)
+    return ((d >= FP32_GRAM_RANGE[0]) & (d <= FP32_GRAM_RANGE[1])).all(-1)
 
 
 def check_order(order: Sequence[int], num_tasks: int) -> list[int]:
@@ -72,8 +104,8 @@ def joint_weights(gram_matrix: torch.Tensor) -> torch.Tensor:
 
 
 def project(grads: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-    """Combined Ortho-LoRA gradient of one block: [T, D] task gradients -> [D], in the input dtype."""
+    """Combined Ortho-LoRA gradient of one block: [T, D] task gradients -> [D] (combined in fp64), input dtype."""
     if grads.dim() != 2:
         raise ValueError(f"grads must be [T, D], got shape {tuple(grads.shape)}")
     w = combine_weights(gram(grads), order)
-    return (w.float() @ grads.float()).to(grads.dtype)
+    return (w @ grads.double()).to(grads.dtype)

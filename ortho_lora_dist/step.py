@@ -16,19 +16,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .aggregators import STRATEGIES, make_strategy
 from .blocks import block_grams, combine_region, gram_telemetry
 from .buffer import TaskGradBuffer
 from .capture import TaskGradCapture, find_lora_factors
 from .comm import Comm, LocalComm
 from .layout import Layout, build_layout
 from .order import TaskOrder
-from .projection import combine_weights, joint_weights
 from .reference import reference_task_grads
 
-Strategy = Literal["ortho", "joint"]
+Strategy = str  # a name in STRATEGIES (aggregators.py)
 Mode = Literal["one_backward", "reference"]
-STRATEGIES = ("ortho", "joint")
 MODES = ("one_backward", "reference")
+__all__ = ["OrthoLoRA", "StepResult", "STRATEGIES", "MODES"]
 
 
 @dataclass
@@ -71,6 +71,7 @@ class OrthoLoRA:
         num_tasks: int,
         *,
         strategy: Strategy = "ortho",
+        strategy_options: Mapping[str, object] | None = None,
         granularity: str = "factor",
         seed: int = 0,
         mode: Mode = "one_backward",
@@ -98,7 +99,13 @@ class OrthoLoRA:
             self.layout = build_layout(find_lora_factors(model), granularity, self.comm.world_size)
             self.grads = TaskGradBuffer(self.layout, num_tasks, self.comm, reduce)
         self.lora_params = [f.param for f in self.layout.factors]
-        _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
+        try:
+            _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
+            self.combiner = make_strategy(strategy, strategy_options, num_tasks, self.layout.num_blocks, seed)
+        except (ValueError, ImportError):
+            if self.capture is not None:  # leave the model as it was
+                self.capture.remove()
+            raise
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -148,10 +155,8 @@ class OrthoLoRA:
         skipped = not bool(torch.isfinite(grams).all())
         if skipped:
             weights = torch.zeros(self.layout.num_blocks, self.num_tasks, dtype=torch.float64)
-        elif self.strategy == "ortho":
-            weights = combine_weights(grams, order)
         else:
-            weights = joint_weights(grams)
+            weights = self.combiner.weights(grams, order)
         combined = combine_region(region, index, self.layout, weights)
         conflict, cosine = gram_telemetry(grams)
         return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine)
@@ -178,7 +183,10 @@ class OrthoLoRA:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
+        """Task-order generator and the strategy's state (tensors and Python scalars only)."""
+        return {"order": self.order.state_dict(), "strategy": self.combiner.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state["order"])
+        if "strategy" in state:  # states saved before strategies had state have only "order"
+            self.combiner.load_state_dict(state["strategy"])

@@ -60,13 +60,14 @@ class Telemetry:
         purge = resume_step + 1 if resume_step is not None else None  # TensorBoard hides events after the resume point
         self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
-    def log(self, record: dict, block_conflicts: list[float] | None = None) -> None:
+    def log(self, record: dict, blocks: dict | None = None) -> None:
+        """One metrics.jsonl line (+ TensorBoard scalars); ``blocks``: per-block data for conflicts.jsonl."""
         if not self.enabled:
             return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        if block_conflicts is not None:
-            self.conflicts.write(json.dumps({"step": record["step"], "conflict": block_conflicts}) + "\n")
+        if blocks is not None:
+            self.conflicts.write(json.dumps({"step": record["step"], **blocks}) + "\n")
             self.conflicts.flush()
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":

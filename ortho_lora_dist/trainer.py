@@ -29,6 +29,7 @@ from .modeling import DTYPES, build_model, load_tokenizer
 from .signals import STOP_SIGNALS, Interrupted
 from .setup import build_engine, init_distributed, shard_for_fsdp
 from .step import OrthoLoRA, StepResult
+from .leverage import leverage, pair_cosines
 from .telemetry import Telemetry, block_summary
 
 log = logging.getLogger("ortho_lora_dist")
@@ -107,8 +108,12 @@ class Trainer:
         if cfg.distributed.engine == "fsdp" and self.info.world > 1:
             shard_for_fsdp(cfg, self.model)
         reduce = tc.reduce if tc.reduce != "auto" else ("eager" if self.info.world > 1 else "step")
+        options = dict(tc.strategy_options)
+        if tc.strategy == "norm_balance" and "pref_vector" not in options:  # loss weights = target norm shares
+            options["pref_vector"] = [t.loss_weight for t in cfg.tasks]
         self.olr = OrthoLoRA(
-            self.model, len(self.tasks), strategy=tc.strategy, granularity=tc.granularity, seed=tc.seed,
+            self.model, len(self.tasks), strategy=tc.strategy, strategy_options=options,
+            granularity=tc.granularity, seed=tc.seed,
             mode=tc.mode, task_params=self.model.task_params(), comm=self.info.comm, reduce=reduce,
         )
         self.sampler = MultiTaskSampler(
@@ -230,6 +235,12 @@ class Trainer:
                 _atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
                 (self.out / "finished.json").unlink(missing_ok=True)  # a resumed run with more steps is not finished
             self.telemetry = Telemetry(self.out, self.names, self.info.main, resume_step=self.step if self.resumed_from else None)
+            if self.info.main:  # what the conflict map's rows and columns are
+                layout = self.olr.layout
+                pairs = [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
+                _atomic_write(self.out / "blocks.json", json.dumps({
+                    "granularity": layout.granularity, "names": list(layout.block_names),
+                    "kinds": layout.block_factor_kind(), "tasks": self.names, "pairs": pairs}))
             return self._train_loop()
         finally:
             self.close()
@@ -299,7 +310,17 @@ class Trainer:
             "skipped_steps": self.skipped_total,
             "seconds_per_step": round(seconds / self.cfg.train.log_every, 4),
         }
-        self.telemetry.log(record, [round(x, 4) for x in result.conflict_rate.tolist()])
+        if not result.skipped:
+            lev = leverage(result.grams, result.weights)
+            record.update({
+                "leverage/change": round(lev["change"], 6), "leverage/cos_joint": round(lev["cos_joint"], 6),
+                "gain": dict(zip(self.names, [round(x, 6) for x in lev["gain"]])),
+                "share": dict(zip(self.names, [round(x, 6) for x in lev["share"]])),
+            })
+        blocks = {"conflict": [round(x, 4) for x in result.conflict_rate.tolist()]}
+        if not result.skipped and len(self.names) > 1:
+            blocks["cos_pairs"] = [[round(x, 3) for x in row] for row in pair_cosines(result.grams).tolist()]
+        self.telemetry.log(record, blocks)
 
     def _log_eval(self, results: dict) -> None:
         if self.info.main and results and self.telemetry is not None:

@@ -60,7 +60,7 @@ def build_engine(args, olr, model, comm, world):
 
         from ortho_lora_dist.engines.deepspeed_engine import DeepSpeedAdapter, load_ds_config
 
-        cfg = load_ds_config(args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=0.0, lr=LR)
+        cfg = load_ds_config(args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=args.max_grad_norm, lr=LR)
         opt = torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01)
         ds_engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=olr.lora_params, config=cfg)
         return DeepSpeedAdapter(olr, ds_engine)
@@ -69,7 +69,7 @@ def build_engine(args, olr, model, comm, world):
 
     if comm is not None:
         broadcast_trainable_(model)
-    return TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01))
+    return TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01), max_grad_norm=args.max_grad_norm)
 
 
 def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
@@ -96,7 +96,7 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
         olr.set_tasks(torch.zeros(2, dtype=torch.long))
         save_file({"logits": model(input_ids=probe).logits.float().contiguous()}, os.path.join(out, f"forward{rank}.safetensors"))
 
-    record: dict = {"orders": [], "peak_buffer_bytes": 0}
+    record: dict = {"orders": [], "peak_buffer_bytes": 0, "grad_norms": []}
     for step in range(args.steps):
         for micro in range(args.accum):
             ids, tids = local_batch(args.accum * step + micro, rank, world)
@@ -110,6 +110,7 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
         record["orders"].append(result.order)
         record["peak_buffer_bytes"] = olr.grads.peak_bytes
         engine.apply(result)
+        record["grad_norms"].append(engine.last_grad_norm)
     final = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if n in lora_names}
     save_file(final, os.path.join(out, f"rank{rank}.safetensors"))
     save_file(init, os.path.join(out, f"init{rank}.safetensors"))
@@ -127,6 +128,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--max-grad-norm", type=float, default=0.0)
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = p.parse_args()

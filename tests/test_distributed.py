@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-VARIANTS = ["joint", "ortho-factor", "ortho-global", "ortho-factor-eager"]
+VARIANTS = ["joint", "ortho-factor", "ortho-global", "ortho-factor-eager",
+            "upgrad-global", "imtl_g-factor", "cagrad-global", "norm_balance-factor"]
+DIST_VARIANTS = "joint,ortho:factor,ortho:global,ortho:factor:eager,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor"
 TIMEOUT = 420
 
 pytestmark = pytest.mark.slow
@@ -70,7 +72,8 @@ def runs(tmp_path_factory, llama_dir):
 @pytest.fixture(scope="module")
 def single(runs):
     base, model = runs
-    launch("single", base / "single", model, "--variants", "joint,ortho:factor,ortho:global")
+    launch("single", base / "single", model, "--variants",
+           "joint,ortho:factor,ortho:global,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor")
     return base / "single"
 
 
@@ -88,14 +91,14 @@ def check_engine(single_dir: Path, dist_dir: Path, variants, tol: float) -> None
         if v.endswith("-eager"):  # ZeRO-2 style: the owned region + one factor in flight, not the full T x P
             full = json.loads((dist_dir / "ortho-factor" / "rank0.json").read_text())["peak_buffer_bytes"]
             assert rec0["peak_buffer_bytes"] <= 0.6 * full, (rec0["peak_buffer_bytes"], full)
-        elif v.startswith("ortho"):
+        elif v.startswith("ortho-"):
             assert rec0["project_then_reduce_rel"] > 1e-2, "the test batch must make local and global projection differ"
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
 def test_engine_matches_single_process(engine, runs, single):
     base, model = runs
-    launch(engine, base / engine, model)
+    launch(engine, base / engine, model, "--variants", DIST_VARIANTS)
     check_engine(single, base / engine, VARIANTS, 1e-5)
 
 
@@ -128,3 +131,18 @@ def test_deepspeed_zero2_cpu_offload(runs, single):
     base, model = runs
     launch("deepspeed", base / "ds-offload", model, "--variants", "ortho:factor", "--ds-config", "ds_configs/zero2_offload.json")
     check_engine(single, base / "ds-offload", ["ortho-factor"], 1e-5)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_clipping_means_the_same_on_every_engine(engine, runs):
+    """max_grad_norm clips the combined LoRA gradient as one group on every engine; the logged norm is its norm."""
+    base, model = runs
+    single_dir = base / "single-clip"
+    if not (single_dir / "ortho-factor" / "rank0.safetensors").exists():
+        launch("single", single_dir, model, "--variants", "ortho:factor", "--max-grad-norm", "0.05")
+    launch(engine, base / f"{engine}-clip", model, "--variants", "ortho:factor", "--max-grad-norm", "0.05")
+    check_engine(single_dir, base / f"{engine}-clip", ["ortho-factor"], 1e-5)
+    norms = json.loads((base / f"{engine}-clip" / "ortho-factor" / "rank0.json").read_text())["grad_norms"]
+    ref = json.loads((single_dir / "ortho-factor" / "rank0.json").read_text())["grad_norms"]
+    assert min(ref) > 0.05, "the test must actually clip"
+    assert norms == pytest.approx(ref, rel=1e-5)

@@ -44,7 +44,10 @@ class TorchEngine:
     def apply(self, result: StepResult) -> None:
         self.olr.write_grads(result)
         if not result.skipped:
-            self.last_grad_norm = clip_(self.olr.lora_params + self.olr.head_params(), self.max_grad_norm)
+            # the same semantics as DeepSpeed's: LoRA factors clipped as one group, task heads as another;
+            # last_grad_norm = ||combined LoRA gradient|| before clipping, on every engine
+            self.last_grad_norm = clip_(self.olr.lora_params, self.max_grad_norm)
+            clip_(self.olr.head_params(), self.max_grad_norm)
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
