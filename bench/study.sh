@@ -1,20 +1,11 @@
 #!/usr/bin/env bash
-# The CPU study of README "Results" (about 50 minutes on 2 cores): all five methods x 3 seeds on the
-# demo benchmark, then the rank sweep (r = 4, 8, 16, 32; joint vs ortho-factor; 2 seeds), then the
-# controlled-conflict benchmark. Resumable: finished runs are skipped.
+# The methods study of README "Results" (about 75 minutes on 2 cores; resumable: finished runs are skipped):
+# single-task vs joint vs the paper's rule vs norm balancing vs TorchJD's Gramian weightings vs tuned static
+# loss weights, 3 seeds, on the demo's four real tasks (configs/study.yaml: one epoch = 32 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OL=.venv/bin/ortho-lora
 [ -f data/demo/sentiment/train.jsonl ] || $OL prepare-demo
-$OL compare configs/study.yaml --seeds 3 --out runs/study
-for r in 4 8 16 32; do
-  out=runs/rank-r$r
-  if [ "$r" = 8 ]; then  # r=8 is the main study's setting: reuse its finished runs
-    for m in joint ortho-factor; do for s in 0 1; do
-      mkdir -p "$out/runs/$m"; [ -e "$out/runs/$m/seed$s" ] || ln -s "$PWD/runs/study/runs/$m/seed$s" "$out/runs/$m/seed$s"
-    done; done
-  fi
-  $OL compare configs/study.yaml "lora.r=$r" "lora.alpha=$((2 * r))" --seeds 2 --methods joint,ortho-factor --out "$out"
-done
-.venv/bin/python bench/conflict_knob.py --out runs/conflict-knob
+METHODS=${METHODS:-single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,cagrad-global,mgda-global,lossweights}
+$OL compare configs/study.yaml --seeds "${SEEDS:-3}" --methods "$METHODS" --out "${OUT:-runs/methods}"

@@ -202,17 +202,25 @@ def test_compare_is_complete_and_resumable(env, tmp_path):
 
     cfg = load_config(make_config(env, tmp_path / "cmp", steps=3))
     out = tmp_path / "cmp-compare"
-    s = compare(cfg, 2, out, ["single", "joint", "ortho-factor"])
+    methods = ["single", "joint", "ortho-factor", "norm_balance-global", "lossweights"]
+    s = compare(cfg, 2, out, methods)
     assert s["split"] == "test"
-    assert set(s["methods"]) == {"single", "joint", "ortho-factor"}
+    assert set(s["methods"]) == set(methods)
     e = s["methods"]["ortho-factor"]
     assert set(e["per_task"]) == {"sentiment", "topic"} and "gap_recovery" in e and e["time_vs_joint"] > 0
     assert 0 <= e["conflict_rate"] <= 1
+    nb = s["methods"]["norm_balance-global"]
+    assert len(nb["paired_vs_joint"]["per_seed"]) == 2 and 0 <= nb["change"] and -1 <= nb["cos_joint"] <= 1
+    grid = s["lossweights"]["grid"]
+    assert [g["tag"] for g in grid] == ["uniform", "x3-sentiment", "x3-topic"]
+    assert s["lossweights"]["chosen"]["validation_average"] == max(g["validation_average"] for g in grid)
+    with pytest.raises(ValueError, match="unknown method 'upgard-global'"):
+        compare(cfg, 1, out, ["upgard-global"])
     for f in ("compare.json", "compare.md", "compare.png"):
         assert (out / f).is_file()
     assert sorted(p.name for p in (out / "runs" / "single" / "seed0").iterdir()) == ["sentiment", "topic"]
     stamp = (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime
-    compare(cfg, 2, out, ["single", "joint", "ortho-factor"])  # finished runs are not redone
+    compare(cfg, 2, out, methods)  # finished runs are not redone
     assert (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime == stamp
 
 
