@@ -105,13 +105,14 @@ def plot_run(output_dir: str | Path) -> list[Path]:
             fig, axes = plt.subplots(1, len(panels), figsize=(3 + 2.2 * len(panels) + 0.35 * len(pairs) * len(panels), height),
                                      squeeze=False)
             lim = max(float(np.abs(cos).max()), 1e-6)
-            for ax, (kind, idx) in zip(axes[0], panels):
+            for k, (ax, (kind, idx)) in enumerate(zip(axes[0], panels)):
                 im = ax.imshow(cos[idx], aspect="auto", interpolation="nearest", cmap="RdBu", vmin=-lim, vmax=lim)
-                ax.set_yticks(range(len(idx)), [_short(re.sub(r"\.lora_[AB]$", "", names[i])) for i in idx], fontsize=6)
+                labels = [_short(re.sub(r"\.lora_[AB]$", "", names[i])) for i in idx]
+                ax.set_yticks(range(len(idx)), labels if k == 0 else [""] * len(idx), fontsize=6)  # same rows in every panel
                 ax.set_xticks(range(len(pairs)), [f"{a}\n{b}" for a, b in pairs], fontsize=7)
                 ax.set_title({"A": "lora_A", "B": "lora_B", "AB": "lora_A + lora_B"}[kind])
             fig.colorbar(im, ax=axes[0].tolist(), label="mean cos(g_i, g_j) over logged steps (< 0: conflict)")
-            fig.suptitle(f"Conflict map: {len(conflicts)} logged steps, {meta['granularity']} blocks")
+            fig.suptitle(f"Conflict map: {len(conflicts)} logged steps, {meta['granularity']} blocks", y=1.04)
             fig.savefig(out / "conflicts.png", dpi=120, bbox_inches="tight")
             plt.close(fig)
             written.append(out / "conflicts.png")

@@ -110,7 +110,8 @@ class Trainer:
         reduce = tc.reduce if tc.reduce != "auto" else ("eager" if self.info.world > 1 else "step")
         options = dict(tc.strategy_options)
         if tc.strategy == "norm_balance" and "pref_vector" not in options:  # loss weights = target norm shares
-            options["pref_vector"] = [t.loss_weight for t in cfg.tasks]
+            # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)
+            options["pref_vector"] = [t.loss_weight if t.loss_weight > 0 else 1.0 for t in cfg.tasks]
         self.olr = OrthoLoRA(
             self.model, len(self.tasks), strategy=tc.strategy, strategy_options=options,
             granularity=tc.granularity, seed=tc.seed,

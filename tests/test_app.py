@@ -133,7 +133,7 @@ def test_encoder_run_outputs(env, tmp_path):
     assert set(steps[0]["loss"]) == {"sentiment", "topic"}
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["validation"]) == {"sentiment", "topic", "average"} and "test" in ev
-    for f in ("loss.png", "conflicts.png", "config.yaml"):
+    for f in ("loss.png", "conflicts.png", "leverage.png", "blocks.json", "config.yaml"):
         assert (out / f).is_file(), f
     assert list((out / "tensorboard").iterdir())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]
