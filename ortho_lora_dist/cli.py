@@ -1,4 +1,4 @@
-"""``ortho-lora``: train | eval | plot | launch | compare | prepare-demo."""
+"""``ortho-lora``: train | eval | predict | merge | plot | launch | compare | prepare-demo."""
 
 from __future__ import annotations
 
@@ -49,6 +49,21 @@ def _eval(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .predict import predict_file
+
+    n = predict_file(args.adapter, args.input, args.output, args.batch_size, args.base)
+    print(f"written: {args.output} ({n} predictions)")
+    return 0
+
+
+def _merge(args) -> int:
+    from .merge import merge
+
+    print(f"written: {merge(args.run_dir, args.out_dir, force=args.force, base=args.base)}")
+    return 0
+
+
 def _plot(args) -> int:
     from .plots import plot_run
 
@@ -93,8 +108,13 @@ def _compare(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(cfg.output_dir) + "-compare"
+    from .compare import CompareInterrupted
+
     try:
         summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
+    except CompareInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 0
     except ValueError as e:
         if "unknown method" in str(e):
             raise ConfigError(f"--methods: {e}") from None
@@ -122,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, help="the run's output dir or its adapter/ directory")
     e.add_argument("--output", help="where to write the results (default: RUN_DIR/eval-cli.json; the run's own files are never touched)")
     e.set_defaults(func=_eval)
+
+    pr = sub.add_parser("predict", help="predict JSONL records with a saved adapter alone (no config, no data)")
+    pr.add_argument("adapter", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
+    pr.add_argument("--input", required=True, help='JSONL, one {"task": NAME, "text": ..., "text_pair"?: ...} per line')
+    pr.add_argument("--output", required=True, help="JSONL, one {\"task\", \"prediction\"} per input line, same order")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--base", help="the base model, when it is no longer where the adapter says (default: its tasks.json)")
+    pr.set_defaults(func=_predict)
+
+    mg = sub.add_parser("merge", help="fold the adapter into its (non-quantized) base: a model plain transformers loads")
+    mg.add_argument("run_dir", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
+    mg.add_argument("out_dir", metavar="OUT_DIR")
+    mg.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    mg.add_argument("--base", help="the base model, when it is no longer where the adapter says")
+    mg.set_defaults(func=_merge)
 
     pl = sub.add_parser("plot", help="loss per task and conflict heat map (PNG) of a run")
     pl.add_argument("output_dir")
@@ -192,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(e: Exception) -> int | None:
     """2: bad input or a refused operation (one line, no traceback); 1: a run that failed; None: a bug (traceback)."""
+    from .adapter import AdapterError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
@@ -202,7 +238,7 @@ def _exit_code(e: Exception) -> int | None:
     if isinstance(e, TrainingFailed):
         return 1
     if isinstance(e, (ConfigError, DataError, FileNotFoundError, FileExistsError, RunLocked, RunExists, ResumeMismatch,
-                      CheckpointError, TooManySkips)):
+                      CheckpointError, TooManySkips, AdapterError)):
         return 2
     return None
 

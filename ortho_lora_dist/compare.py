@@ -76,12 +76,18 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+class CompareInterrupted(RuntimeError):
+    """A stop signal reached one of the runs: it checkpointed; the same command resumes the comparison."""
+
+
 def _run(cfg: Config) -> dict:
     from .trainer import Trainer
 
     out = Path(cfg.output_dir)
     if not (out / "finished.json").is_file():
-        Trainer(cfg, resume=True).train()
+        result = Trainer(cfg, resume=True).train()
+        if result.get("interrupted"):
+            raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in records if "loss" in r]
     ev = json.loads((out / "eval.json").read_text())
