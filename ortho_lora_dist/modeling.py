@@ -131,10 +131,19 @@ def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
         raise
 
 
+def attach_lora(base: nn.Module, cfg: Config, adapter_dir: str | Path | None) -> nn.Module:
+    """A new LoRA adapter (training) or a saved one, frozen, from ``adapter_dir`` (predict, merge)."""
+    if adapter_dir is None:
+        return add_lora(base, cfg)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
 class EncoderMultiTask(nn.Module):
     """Shared LoRA encoder + one head per task (classification: CE over classes; regression: MSE)."""
 
-    def __init__(self, cfg: Config, tasks: list[TaskData], tokenizer):
+    def __init__(self, cfg: Config, tasks: list[TaskData], tokenizer, adapter_dir: str | Path | None = None):
         super().__init__()
         from transformers import AutoModel
 
@@ -147,7 +156,7 @@ class EncoderMultiTask(nn.Module):
             base = AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
         except TypeError:
             base = AutoModel.from_pretrained(path, **kw)
-        self.encoder = add_lora(base, cfg)
+        self.encoder = attach_lora(base, cfg, adapter_dir)
         hidden = base.config.hidden_size
         self.kinds = [t.config.type for t in tasks]
         if "generation" in self.kinds:
@@ -212,7 +221,8 @@ class EncoderMultiTask(nn.Module):
 class CausalLMMultiTask(nn.Module):
     """Shared LoRA causal LM: tasks as prompt -> answer text, loss on the answer tokens only."""
 
-    def __init__(self, cfg: Config, tasks: list[TaskData], tokenizer, quant_storage: torch.dtype | None = None):
+    def __init__(self, cfg: Config, tasks: list[TaskData], tokenizer, quant_storage: torch.dtype | None = None,
+                 adapter_dir: str | Path | None = None):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -221,7 +231,7 @@ class CausalLMMultiTask(nn.Module):
             path, dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, quant_storage),
             trust_remote_code=cfg.model.trust_remote_code, **_placement(cfg.model),
         )
-        self.model = add_lora(base, cfg)
+        self.model = attach_lora(base, cfg, adapter_dir)
         self.tasks, self.tokenizer, self.max_length = tasks, tokenizer, cfg.model.max_length
         for t in tasks:
             if t.config.type == "regression":
@@ -293,13 +303,15 @@ class CausalLMMultiTask(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(p for p in self.parameters() if p.requires_grad).device
+        trainable = next((p for p in self.parameters() if p.requires_grad), None)  # none in a loaded, frozen adapter
+        return (trainable if trainable is not None else next(self.parameters())).device
 
 
-def build_model(cfg: Config, tasks: list[TaskData], tokenizer, quant_storage: torch.dtype | None = None) -> nn.Module:
-    """Dispatch on model.kind."""
+def build_model(cfg: Config, tasks: list[TaskData], tokenizer, quant_storage: torch.dtype | None = None,
+                adapter_dir: str | Path | None = None) -> nn.Module:
+    """Dispatch on model.kind; ``adapter_dir``: load that saved LoRA adapter instead of adding a new one."""
     builders = {
-        "encoder-classification": lambda: EncoderMultiTask(cfg, tasks, tokenizer),
-        "causal-lm": lambda: CausalLMMultiTask(cfg, tasks, tokenizer, quant_storage),
+        "encoder-classification": lambda: EncoderMultiTask(cfg, tasks, tokenizer, adapter_dir),
+        "causal-lm": lambda: CausalLMMultiTask(cfg, tasks, tokenizer, quant_storage, adapter_dir),
     }
     return builders[cfg.model.kind]()

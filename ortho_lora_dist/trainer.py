@@ -359,6 +359,7 @@ class Trainer:
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if self.info.main:
             _atomic_write(self.out / "eval.json", json.dumps({"step": self.step, **results}, indent=1))
+            self.write_model_card(results)
             self._log_eval(results.get("validation", {}))
             print_table(results, self.tasks)
             if tc.plots:
@@ -402,8 +403,13 @@ class Trainer:
                 for i, rest in [n.split(".", 1)]
             }
             save_file(tensors, str(folder / "heads.safetensors"))
-        meta = {"tasks": [{"name": t.name, "type": t.config.type, "labels": t.labels} for t in self.tasks]}
-        (folder / "tasks.json").write_text(json.dumps(meta, indent=1))
+        from .adapter import describe, make_portable
+        from .card import write_model_card
+
+        # self-describing: predict / merge need this folder alone (adapter.py lists the files)
+        (folder / "tasks.json").write_text(json.dumps(describe(self.cfg, self.tasks, self.step, self.total_steps), indent=1))
+        make_portable(folder, self.cfg.model)
+        write_model_card(folder)  # metrics pending; finish() rewrites it after eval.json
         if atomic:
             import shutil
 
@@ -419,20 +425,17 @@ class Trainer:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model.peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+        from .adapter import load_heads
+
         heads_file = adapter_dir / "heads.safetensors"
         if heads_file.is_file():
-            heads = load_file(str(heads_file))
-            with torch.no_grad():
-                for n, p in self.model.heads.named_parameters():
-                    i, rest = n.split(".", 1)
-                    key = f"heads.{self.names[int(i)]}.{rest}"
-                    if key not in heads:
-                        saved = sorted({k.split(".")[1] for k in heads})
-                        raise ValueError(f"{heads_file} has no head for task {self.names[int(i)]!r} (it has: {saved})")
-                    if heads[key].shape != p.shape:
-                        raise ValueError(f"{heads_file}: head {key} has shape {tuple(heads[key].shape)}, "
-                                         f"task {self.names[int(i)]!r} needs {tuple(p.shape)} (different label set?)")
-                    p.copy_(heads[key])
+            load_heads(self.model.heads, self.names, heads_file)
+
+    def write_model_card(self, results: dict) -> None:
+        """The adapter's README.md again, now with the final evaluation (rank 0, after eval.json)."""
+        from .card import write_model_card
+
+        write_model_card(self.out / "adapter", {"step": self.step, **results})
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _barrier(self) -> None:
