@@ -45,8 +45,8 @@ def _check_utf8(path: Path) -> None:
             _decode(raw, path, i)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def iter_jsonl(path: Path):
+    """(line number, JSON object) for every non-blank line; DataError naming the file and line otherwise."""
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
             line = _decode(raw, path, i)
@@ -58,8 +58,11 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield i, row
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _read_file(path_str: str, task: str) -> tuple[list[dict], str]:

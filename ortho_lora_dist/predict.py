@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapter import find_adapter, load_adapter_model, read_meta
-from .data import DataError, _decode
+from .data import DataError, iter_jsonl
 
 # collate also encodes a training target; predict never reads it
 PLACEHOLDER_LABEL = {"classification": 0, "regression": 0.0, "generation": ""}
@@ -52,18 +52,7 @@ def read_records(path: Path, meta: dict) -> list[dict]:
     if not path.is_file():
         raise DataError(f"--input {path} does not exist")
     tasks = {t["name"]: t for t in meta["tasks"]}
-    records = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            line = _decode(raw, path, i)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-            records.append(_record(row, f"{path}, line {i}", tasks))
-    return records
+    return [_record(row, f"{path}, line {i}", tasks) for i, row in iter_jsonl(path)]
 
 
 def _value(pred, task: dict):
