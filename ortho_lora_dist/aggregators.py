@@ -21,6 +21,7 @@ gets weights 0 from the TorchJD strategies without calling them (no state update
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ _RAW_GRAM = frozenset({"pcgrad", "nash_mtl"})  # fed G itself; the others G / tr
 SOLVER_HINT = "pip install 'ortho-lora-dist[mtl]'"
 
 
-class Strategy:
+class Strategy(ABC):
     """Maps global block Gram matrices [B, T, T] to combination weights [B, T] (fp64, on the Grams' device)."""
 
     def __init__(self, name: str, num_tasks: int, num_blocks: int) -> None:
@@ -53,8 +54,9 @@ class Strategy:
             raise ValueError(f"grams must be [B, {self.num_tasks}, {self.num_tasks}], got {tuple(grams.shape)}")
         return self._weights(grams.detach().double(), order)
 
+    @abstractmethod
     def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """The strategy's weights for fp64 Grams."""
 
     def state_dict(self) -> dict:
         return {"name": self.name}

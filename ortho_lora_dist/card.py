@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from .adapter import read_meta
+from .fsutil import atomic_write_text
 
 
 def _num(value) -> str:
@@ -91,6 +92,4 @@ def write_model_card(adapter_dir: Path, evaluation: dict | None = None) -> None:
     """README.md from tasks.json (and ``evaluation``: eval.json's content) written atomically."""
     adapter_dir = Path(adapter_dir)
     text = model_card(read_meta(adapter_dir), evaluation)
-    tmp = adapter_dir / ".README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(adapter_dir / "README.md")
+    atomic_write_text(adapter_dir / "README.md", text)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fsutil import replace_dir
+
 STATE = "trainer_state.json"
 log = logging.getLogger("ortho_lora_dist")
 
@@ -129,14 +131,7 @@ def publish(tmp: Path, step: int, keep: int = 0, protect: Path | None = None) ->
     """Rename the staging dir to checkpoints/step-N (atomic on one file system), then keep the newest
     ``keep`` checkpoints (0: all). ``protect`` (the checkpoint a run resumed from) is never deleted."""
     final = tmp.parent / f"step-{step}"
-    if final.exists():
-        old = tmp.parent / f".step-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
     if keep:
         for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
             if protect is None or old.resolve() != protect.resolve():

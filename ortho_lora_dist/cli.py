@@ -26,6 +26,7 @@ def _eval(args) -> int:
 
     from .config import load_config
     from .evaluate import evaluate
+    from .fsutil import atomic_write_text
     from .trainer import Trainer, print_table
 
     cfg = load_config(args.config, args.overrides)
@@ -41,9 +42,7 @@ def _eval(args) -> int:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
         if out.resolve() in {(adapter.parent / n).resolve() for n in ("eval.json", "metrics.jsonl", "conflicts.jsonl", "config.yaml", "finished.json")}:
             raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"adapter": str(adapter), **results}, indent=1))
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps({"adapter": str(adapter), **results}, indent=1))
         print_table(results, trainer.tasks)
         print(f"written: {out}")
     return 0

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from .adapter import AdapterError, find_adapter, load_adapter_model, read_meta, spec_from_meta
+from .fsutil import replace_dir
 
 BITS = {"nf4": "4-bit (nf4)", "int8": "8-bit (int8)"}
 
@@ -70,12 +71,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False, base: s
             shutil.copy2(adapter_dir / "heads.safetensors", stage / "heads.safetensors")
         described = {**meta, "merged_from": {"adapter": str(adapter_dir), "base_model": cfg.model.name_or_path}}
         (stage / "tasks.json").write_text(json.dumps(described, indent=1))
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.replace(old)
-        stage.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .fsutil import atomic_write_text
+
 from .step import StepResult
 
 
@@ -35,9 +37,7 @@ def _keep_until(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:  # a line cut by a kill
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
 class Telemetry:

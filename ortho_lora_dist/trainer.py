@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,16 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
 from .batching import MultiTaskSampler
-from .resume import ResumeMismatch, check_resume
-from .runlock import RunLock, RunLocked
 from .config import Config
 from .data import load_tasks
 from .evaluate import _to, evaluate
-from .modeling import DTYPES, build_model, load_tokenizer
-from .signals import STOP_SIGNALS, Interrupted
-from .setup import build_engine, init_distributed, shard_for_fsdp
-from .step import OrthoLoRA, StepResult
+from .fsutil import atomic_write_text, replace_dir
 from .leverage import leverage, pair_cosines
+from .modeling import DTYPES, build_model, load_tokenizer
+from .resume import ResumeMismatch, check_resume
+from .runlock import RunLock, RunLocked
+from .setup import build_engine, init_distributed, shard_for_fsdp
+from .signals import STOP_SIGNALS, Interrupted
+from .step import OrthoLoRA, StepResult
 from .telemetry import Telemetry, block_summary
 
 log = logging.getLogger("ortho_lora_dist")
@@ -47,14 +49,6 @@ class RunExists(RuntimeError):
     """output_dir already holds a run and --resume was not given."""
 
 
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _has_run(out: Path) -> str | None:
     """What in ``out`` shows a previous run (None if nothing)."""
     for name in ("finished.json", "adapter", "metrics.jsonl"):
@@ -69,7 +63,7 @@ class Trainer:
     """Build everything for one run. ``for_eval``: no lock, no outputs written, no resume (``ortho-lora eval``)."""
 
     def __init__(self, cfg: Config, resume: bool = False, for_eval: bool = False) -> None:
-        self.cfg, tc = cfg, cfg.train
+        self.cfg = cfg
         self.for_eval = for_eval
         self._stop: str | None = None
         self._loading = True
@@ -124,7 +118,6 @@ class Trainer:
         self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, tc.per_task_batch_size * len(self.tasks))
         self.loss_weights = torch.tensor([t.config.loss_weight for t in self.tasks])
         self.step, self.consecutive_skips, self.skipped_total = 0, 0, 0
-        self.steps_run = 0  # optimizer steps taken by this process (not restored ones)
         self.resumed_from: Path | None = None
         self.written_checkpoints = 0
         self.last_saved_step = -1
@@ -233,13 +226,13 @@ class Trainer:
                 return {"interrupted": True, "step": self.step}
             if self.info.main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
+                atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
                 (self.out / "finished.json").unlink(missing_ok=True)  # a resumed run with more steps is not finished
             self.telemetry = Telemetry(self.out, self.names, self.info.main, resume_step=self.step if self.resumed_from else None)
             if self.info.main:  # what the conflict map's rows and columns are
                 layout = self.olr.layout
                 pairs = [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
-                _atomic_write(self.out / "blocks.json", json.dumps({
+                atomic_write_text(self.out / "blocks.json", json.dumps({
                     "granularity": layout.granularity, "names": list(layout.block_names),
                     "kinds": layout.block_factor_kind(), "tasks": self.names, "pairs": pairs}))
             return self._train_loop()
@@ -256,7 +249,6 @@ class Trainer:
         while self.step < self.total_steps:
             result, losses = self.train_step()
             self.step += 1
-            self.steps_run += 1
             if result.skipped:
                 self.consecutive_skips += 1
                 self.skipped_total += 1
@@ -358,7 +350,7 @@ class Trainer:
         results = {k: v for k, v in results.items() if v}
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if self.info.main:
-            _atomic_write(self.out / "eval.json", json.dumps({"step": self.step, **results}, indent=1))
+            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **results}, indent=1))
             self.write_model_card(results)
             self._log_eval(results.get("validation", {}))
             print_table(results, self.tasks)
@@ -373,7 +365,7 @@ class Trainer:
             raise TrainingFailed(f"non-finite model outputs in evaluation of {', '.join(bad)} (metrics reported as null "
                                  "in eval.json): the model diverged")
         if self.info.main:
-            _atomic_write(self.out / "finished.json", json.dumps({"step": self.step, "total_steps": self.total_steps}))
+            atomic_write_text(self.out / "finished.json", json.dumps({"step": self.step, "total_steps": self.total_steps}))
         return results
 
     def save_adapter(self, where: Path, atomic: bool = False) -> None:
@@ -388,8 +380,6 @@ class Trainer:
         target = where / "adapter"
         folder = where / ".adapter.tmp" if atomic else target
         if atomic:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
         peft = self.model.peft_model
         # only the (replicated) LoRA tensors: model.state_dict() would run FSDP's collective hooks on rank 0 alone
@@ -411,14 +401,7 @@ class Trainer:
         make_portable(folder, self.cfg.model)
         write_model_card(folder)  # metrics pending; finish() rewrites it after eval.json
         if atomic:
-            import shutil
-
-            old = where / ".adapter.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if target.exists():
-                target.replace(old)
-            folder.replace(target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(folder, target)
 
     def load_adapter(self, adapter_dir: Path) -> None:
         """Load adapter weights (PEFT safetensors) and task heads saved by save_adapter (matched by task name)."""
@@ -445,8 +428,6 @@ class Trainer:
             dist.barrier()
 
     def save_checkpoint(self) -> None:
-        import shutil
-
         tmp = ckpt.staging_dir(self.out, self.step)
         self.last_saved_step = self.step
         if self.info.main:
