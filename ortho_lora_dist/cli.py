@@ -17,7 +17,17 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg, resume=args.resume).train()
+    _leave_process_group()
     return 0 if result is not None else 1  # a stop signal (checkpoint written) is a clean exit: 0
+
+
+def _leave_process_group() -> None:
+    """All ranks leave together: a rank exiting while another still writes outputs can abort in gloo's teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _eval(args) -> int:
