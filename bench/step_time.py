@@ -1,8 +1,11 @@
 """Step time of joint vs Ortho-LoRA (one backward) vs Ortho-LoRA reference (T backward passes).
 
 Llama-shaped model of a few million parameters, built from its config (no download), LoRA r=16 on all
-linear layers, a mixed batch with ``--per-task`` samples of each task. The three methods are timed
-interleaved (round-robin, same inputs) so that machine noise hits them alike; ratios use medians.
+linear layers, a mixed batch with ``--per-task`` samples of each task. "joint" is plain PEFT: no capture
+installed, one backward of the summed loss, AdamW (the baseline of the ortho/joint ratio). The methods
+are timed interleaved (round-robin, same inputs) so that machine noise hits them alike; ratios use
+medians. ``--clock cpu`` times the process's CPU time instead of wall time (less sensitive to other
+processes on a shared machine); ``--no-reference`` skips the slow T-backward reference.
 
     python bench/step_time.py --tasks 3 8 --steps 20
 """
@@ -41,7 +44,7 @@ def task_losses(model, ids, tids, T):
     return task_mean(tok.view(ids.shape[0], -1), tids[:, None].expand(-1, ids.shape[1] - 1), T)
 
 
-def make_steps(args, T):
+def make_steps(args, T, reference: bool = True):
     from ortho_lora_dist import OrthoLoRA
 
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +62,8 @@ def make_steps(args, T):
 
     def ortho_factory(mode):
         model = build(args)
-        olr = OrthoLoRA(model, T, mode=mode)
+        kw = {"buffer_dtype": args.buffer_dtype} if getattr(args, "buffer_dtype", "float32") != "float32" else {}
+        olr = OrthoLoRA(model, T, mode=mode, **kw)
         opt = torch.optim.AdamW(olr.lora_params, lr=1e-4)
 
         def step():
@@ -69,11 +73,14 @@ def make_steps(args, T):
             olr.write_grads(olr.project())
             opt.step()
 
+        step.buffer_bytes = olr.grads.peak_bytes
         return step, sum(p.numel() for p in olr.lora_params)
 
     ortho, n_lora = ortho_factory("one_backward")
-    reference, _ = ortho_factory("reference")
-    return {"joint": joint, "ortho": ortho, "ortho_reference": reference}, n_lora, sum(p.numel() for p in joint_model.parameters())
+    steps = {"joint": joint, "ortho": ortho}
+    if reference:
+        steps["ortho_reference"] = ortho_factory("reference")[0]
+    return steps, n_lora, sum(p.numel() for p in joint_model.parameters())
 
 
 def main(argv=None):
@@ -87,27 +94,37 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or this process's CPU time")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--no-reference", action="store_true", help="time joint and ortho only")
+    p.add_argument("--buffer-dtype", choices=["float32", "bfloat16"], default="float32", help="ortho's per-task buffer")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     report = []
     for T in args.tasks:
-        steps, n_lora, n_total = make_steps(args, T)
+        steps, n_lora, n_total = make_steps(args, T, reference=not args.no_reference)
         times = {k: [] for k in steps}
         for _ in range(3):
             for fn in steps.values():
                 fn()
         for _ in range(args.steps):
             for name, fn in steps.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
             "tasks": T, "model_params": n_total, "lora_params": n_lora, "batch": T * args.per_task, "seq": args.seq,
+            "clock": args.clock, "threads": torch.get_num_threads(), "buffer_dtype": args.buffer_dtype,
+            "ortho_buffer_MB": round(steps["ortho"].buffer_bytes / 2**20, 3),
             **{f"{k}_s": round(v, 4) for k, v in med.items()},
             "ortho/joint": round(med["ortho"] / med["joint"], 3),
-            "reference/joint": round(med["ortho_reference"] / med["joint"], 3),
+            "ortho/joint_min": round(min(times["ortho"]) / min(times["joint"]), 3),  # fastest steps: least noise
         }
+        if "ortho_reference" in med:
+            row["reference/joint"] = round(med["ortho_reference"] / med["joint"], 3)
         report.append(row)
         print(json.dumps(row))
     if args.json:

@@ -56,14 +56,16 @@ class CaptureState:
         self.num_tasks = num_tasks
         self.grads = grads
         self.task_ids: torch.Tensor | None = None
+        self.batch = -1  # samples of the current batch (-1: set_tasks not called yet)
         self.groups: Groups = []
         self._anchors: dict[torch.device, torch.Tensor] = {}
 
     def anchor(self, device: torch.device) -> torch.Tensor:
         """Zero-size leaf requiring grad: puts every captured factor in the graph without its weight."""
-        if device not in self._anchors:
-            self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
-        return self._anchors[device]
+        a = self._anchors.get(device)
+        if a is None:
+            a = self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        return a
 
     def set_tasks(self, task_ids: torch.Tensor) -> None:
         """Declare the task of every sample (dim 0) of the next forward/backward."""
@@ -75,55 +77,68 @@ class CaptureState:
             raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
         self.groups = _task_groups(task_ids, self.num_tasks)
         self.grads.start_micro_batch()
-        self.task_ids = task_ids
+        self.task_ids, self.batch = task_ids, task_ids.numel()
+
+
+def _bad_input(module: "_TaskLinear", x: torch.Tensor, state: CaptureState) -> RuntimeError:
+    if state.task_ids is None:
+        return RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+    return RuntimeError(
+        f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the batch has "
+        f"{state.batch} samples: per-task capture needs inputs shaped [batch, ..., features]"
+    )
+
+
+def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Groups) -> None:
+    """slot[t] += g_t^T u_t, g_t / u_t: the rows of task t of the output gradient / the input, flattened to 2-D."""
+    d_in, d_out = u.shape[-1], g.shape[-1]
+    same = slot.dtype == g.dtype  # else (bf16 buffer): fp32 product, rounded once into the slot
+    for group in groups:
+        if group[0] == "bmm":  # all T tasks at once: rows sorted by task, n per task
+            T = group[1]
+            gt, ut = g.reshape(T, -1, d_out).transpose(1, 2), u.reshape(T, -1, d_in)
+            slot.baddbmm_(gt, ut) if same else slot.add_(torch.bmm(gt, ut))
+            continue
+        if group[0] == "slice":
+            _, t, lo, hi = group
+            g2, u2 = g[lo:hi].reshape(-1, d_out), u[lo:hi].reshape(-1, d_in)
+        else:
+            _, t, rows = group
+            g2, u2 = g.index_select(0, rows).reshape(-1, d_out), u.index_select(0, rows).reshape(-1, d_in)
+        slot[t].addmm_(g2.t(), u2) if same else slot[t].add_(g2.t() @ u2)
 
 
 class _TaskLinearFn(torch.autograd.Function):
-    """y = x W^T; backward: dx as usual, per-task dW into the buffer, no summed dW."""
+    """y = x W^T; backward: dx = dy W as usual, per-task dW[t] = dy_t^T x_t into the buffer, no summed dW."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: "_TaskLinear") -> torch.Tensor:
         state = module._olr_state
-        if state.task_ids is None:
-            raise RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+        if x.dim() < 2 or x.shape[0] != state.batch:
+            raise _bad_input(module, x, state)
+        ctx.x_dtype = x.dtype
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x_c, w_c = x.to(dtype), weight.to(dtype)
-        if x_c.dim() < 2 or x_c.shape[0] != state.task_ids.numel():
-            raise RuntimeError(
-                f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the batch has "
-                f"{state.task_ids.numel()} samples: per-task capture needs inputs shaped [batch, ..., features]"
-            )
-        ctx.module, ctx.groups, ctx.x_dtype = module, state.groups, x.dtype
-        ctx.save_for_backward(x_c, w_c)
-        return F.linear(x_c, w_c)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+        ctx.grads, ctx.index, ctx.groups = state.grads, module._olr_index, state.groups
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x_c, w_c = ctx.saved_tensors
-        grad_out = grad_out.to(w_c.dtype)
-        module = ctx.module
-        grads = module._olr_state.grads
-        slot = grads.slot(module._olr_factor, module._olr_index)  # [T, out, in] view of the fp32 buffer
-        d_in, d_out = x_c.shape[-1], grad_out.shape[-1]
-        for group in ctx.groups:
-            if group[0] == "bmm":  # slot[t] += g_t^T u_t for all t at once
-                _, T, n = group
-                g = grad_out.reshape(T, -1, d_out)
-                u = x_c.reshape(T, -1, d_in)
-                slot.baddbmm_(g.transpose(1, 2), u) if slot.dtype == g.dtype else slot.add_(g.transpose(1, 2) @ u)
-                continue
-            if group[0] == "slice":
-                _, t, lo, hi = group
-                g, u = grad_out[lo:hi], x_c[lo:hi]
-            else:
-                _, t, rows = group
-                g, u = grad_out.index_select(0, rows), x_c.index_select(0, rows)
-            g2, u2 = g.reshape(-1, d_out), u.reshape(-1, d_in)
-            slot[t].addmm_(g2.t(), u2) if slot.dtype == g2.dtype else slot[t].add_(g2.t() @ u2)
-        grads.factor_done(module._olr_index)
-        grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        x, w = ctx.saved_tensors
+        if grad_out.dtype != w.dtype:
+            grad_out = grad_out.to(w.dtype)
+        grads, index = ctx.grads, ctx.index
+        _accumulate(grads.slot(index), grad_out, x, ctx.groups)
+        grads.factor_done(index)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_x = grad_out @ w
+        return (grad_x if grad_x.dtype == ctx.x_dtype else grad_x.to(ctx.x_dtype)), None, None, None
 
 
 class _TaskLinear(nn.Linear):
@@ -184,13 +199,14 @@ class TaskGradCapture:
     """
 
     def __init__(
-        self, model: nn.Module, num_tasks: int, granularity: str = "factor", comm: Comm | None = None, policy: str = "step"
+        self, model: nn.Module, num_tasks: int, granularity: str = "factor", comm: Comm | None = None, policy: str = "step",
+        bucket_mb: float = 25.0, buffer_dtype: str = "float32",
     ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         comm = comm or LocalComm()
         self.layout: Layout = build_layout(find_lora_factors(model), granularity, comm.world_size)
-        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, policy)
+        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, policy, bucket_mb, buffer_dtype)
         self.state = CaptureState(num_tasks, self.grads)
         self.install()
 

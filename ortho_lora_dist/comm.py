@@ -20,8 +20,8 @@ class Comm(Protocol):
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
         """Local [N, T * n] per-task sums -> region ``rank`` (flat [T * n]) of the global per-task mean over ranks."""
 
-    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
-        """Sum ``region`` over ranks into rank ``owner``'s copy (in place there)."""
+    def reduce_region(self, region: torch.Tensor, owner: int, async_op: bool = False):
+        """Sum ``region`` over ranks into rank ``owner``'s copy (in place there); async_op: return a work handle."""
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
         """Partial [B, T, T] Gram matrices of this rank's region -> the global ones (sum over ranks)."""
@@ -42,7 +42,7 @@ class LocalComm:
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[0]
 
-    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
+    def reduce_region(self, region: torch.Tensor, owner: int, async_op: bool = False):
         return None
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,11 @@ class DistComm:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.sent_bytes: dict[str, int] = {}  # bytes each rank sends, per collective (ring algorithms)
+        self.calls: dict[str, int] = {}  # collectives launched, per kind
 
     def _count(self, name: str, full_bytes: int, factor: float) -> None:
         n = self.world_size
+        self.calls[name] = self.calls.get(name, 0) + 1
         self.sent_bytes[name] = self.sent_bytes.get(name, 0) + int(full_bytes * factor * (n - 1) / n)
 
     def reduce_task_grads(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -84,9 +86,9 @@ class DistComm:
         self.dist.reduce_scatter_tensor(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
         return out.div_(self.world_size)
 
-    def reduce_region(self, region: torch.Tensor, owner: int) -> None:
+    def reduce_region(self, region: torch.Tensor, owner: int, async_op: bool = False):
         self._count("reduce_task_grads", region.numel() * region.element_size(), 1)  # as one reduce-scatter slice
-        self.dist.reduce(region, dst=owner, op=self.dist.ReduceOp.SUM, group=self.group)
+        return self.dist.reduce(region, dst=owner, op=self.dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
     def sum_grams(self, grams: torch.Tensor) -> torch.Tensor:
         self._count("all_reduce_grams", grams.numel() * grams.element_size(), 2)

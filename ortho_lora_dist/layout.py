@@ -113,3 +113,50 @@ def build_layout(lora_modules: list[tuple[str, str, nn.Linear]], granularity: st
         key = {"factor": f"{layer_name}.lora_{factor}", "module": layer_name, "global": "all"}[granularity]
         blocks.append(names.setdefault(key, len(names)))
     return Layout(tuple(factors), torch.tensor(blocks, dtype=torch.long), tuple(names), granularity, num_regions, max(fill))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Factors reduced by one collective: consecutive in backward order, one region, span [lo, hi) of the flat region."""
+
+    region: int
+    factors: tuple[int, ...]  # factor indices, in the order backward completes them
+    lo: int
+    hi: int
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+# A bucket holds at most 1/REGION_PARTS of a region, so that the buckets a non-owner keeps in flight stay a small
+# fraction of the owned region (the T * P / N memory of reduce policy 'eager'), whatever bucket_mb says.
+REGION_PARTS = 16
+
+
+def plan_buckets(layout: Layout, num_tasks: int, cap_values: int) -> list[Bucket]:
+    """Group factors, in reverse layout order (backward's), into buckets of <= min(cap, T n / REGION_PARTS) values.
+
+    A bucket never spans two regions (its reduce goes to one owner) and holds at least one factor.
+    """
+    T = num_tasks
+    cap = max(1, min(cap_values, T * layout.region_size // REGION_PARTS))
+    buckets: list[Bucket] = []
+    cur: list[int] = []
+
+    def close() -> None:
+        if cur:
+            first, last = layout.factors[cur[-1]], layout.factors[cur[0]]  # lowest / highest offset
+            buckets.append(Bucket(first.region, tuple(cur), T * first.offset, T * (last.offset + last.numel)))
+            cur.clear()
+
+    size = 0
+    for i in reversed(range(len(layout.factors))):
+        f = layout.factors[i]
+        if cur and (f.region != layout.factors[cur[-1]].region or size + T * f.numel > cap):
+            close()
+            size = 0
+        cur.append(i)
+        size += T * f.numel
+    close()
+    return buckets

@@ -78,6 +78,8 @@ class OrthoLoRA:
         task_params: Mapping[int, Iterable[nn.Parameter]] | None = None,
         comm: Comm | None = None,
         reduce: str = "step",
+        bucket_mb: float = 25.0,
+        buffer_dtype: str = "float32",
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -91,13 +93,15 @@ class OrthoLoRA:
             raise ValueError(f"task_params has task ids {bad} outside [0, {num_tasks - 1}]")
         self.order = TaskOrder(num_tasks, seed)
         if mode == "one_backward":
-            self.capture: TaskGradCapture | None = TaskGradCapture(model, num_tasks, granularity, self.comm, reduce)
+            self.capture: TaskGradCapture | None = TaskGradCapture(
+                model, num_tasks, granularity, self.comm, reduce, bucket_mb, buffer_dtype
+            )
             self.layout: Layout = self.capture.layout
             self.grads = self.capture.grads
         else:
             self.capture = None
             self.layout = build_layout(find_lora_factors(model), granularity, self.comm.world_size)
-            self.grads = TaskGradBuffer(self.layout, num_tasks, self.comm, reduce)
+            self.grads = TaskGradBuffer(self.layout, num_tasks, self.comm, reduce, bucket_mb, buffer_dtype)
         self.lora_params = [f.param for f in self.layout.factors]
         try:
             _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
@@ -137,7 +141,7 @@ class OrthoLoRA:
         self.grads.start_micro_batch()
         offset = 0
         for i, f in enumerate(self.layout.factors):
-            self.grads.slot(f, i).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
+            self.grads.slot(i).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
             self.grads.factor_done(i)
             offset += f.numel
         for t in range(self.num_tasks):  # a head's gradient is its own task's row

@@ -74,6 +74,7 @@ def build_engine(args, olr, model, comm, world):
 
 def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
     parts = variant.split(":")
+    bucket_mb = float(parts.pop()) if len(parts) == 4 else 25.0  # strategy:granularity:reduce:bucket_mb
     strategy, granularity, reduce = parts + ["factor", "step"][len(parts) - 1 :]
     torch.manual_seed(0)
     quant = None if args.quant == "none" else args.quant
@@ -85,7 +86,8 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
         from ortho_lora_dist.engines.fsdp import shard_base
 
         shard_base(model, [lin.weight for _, _, lin in find_lora_factors(model)])
-    olr = OrthoLoRA(model, T, strategy=strategy, granularity=granularity, seed=SEED, comm=comm, reduce=reduce)
+    olr = OrthoLoRA(model, T, strategy=strategy, granularity=granularity, seed=SEED, comm=comm, reduce=reduce,
+                    bucket_mb=bucket_mb)
     init = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in lora_names}
     engine = build_engine(args, olr, model, comm, world)
     out = os.path.join(args.out, variant.replace(":", "-"))
@@ -109,6 +111,8 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
             record["project_then_reduce_rel"] = float((wrong - right).norm() / right.norm())
         record["orders"].append(result.order)
         record["peak_buffer_bytes"] = olr.grads.peak_bytes
+        record["buckets"] = len(getattr(olr.grads, "buckets", []))
+        record["reduce_calls"] = getattr(comm, "calls", {}).get("reduce_task_grads", 0)
         engine.apply(result)
         record["grad_norms"].append(engine.last_grad_norm)
     final = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if n in lora_names}

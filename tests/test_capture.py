@@ -197,3 +197,87 @@ def test_remove_restores_plain_linear(llama_dir):
     ids, mask, tids = batch()
     lm_task_losses(model, ids, tids, T, mask).sum().backward()
     assert all(p.grad is not None for p in olr.lora_params)
+
+
+def test_bucket_plan_covers_factors_in_backward_order(llama_dir):
+    """Buckets: every factor once, reverse layout order, one region each, contiguous spans, <= max(cap, a factor)."""
+    from ortho_lora_dist.capture import find_lora_factors
+    from ortho_lora_dist.layout import REGION_PARTS, build_layout, plan_buckets
+
+    layout = build_layout(find_lora_factors(lora_llama(llama_dir)), "factor", 2)
+    assert len(plan_buckets(layout, T, 10**9)) == len(layout.factors), "14 factors per region: < 1/16 each"
+    layout = build_layout(find_lora_factors(lora_llama(llama_dir)), "factor", 1)
+    for cap in (1, 1500, 10**9):
+        buckets = plan_buckets(layout, T, cap)
+        order = [i for b in buckets for i in b.factors]
+        assert order == list(reversed(range(len(layout.factors))))
+        limit = min(cap, T * layout.region_size // REGION_PARTS)
+        for b in buckets:
+            fs = [layout.factors[i] for i in b.factors]
+            assert {f.region for f in fs} == {b.region}
+            assert b.size == T * sum(f.numel for f in fs) and b.lo == T * fs[-1].offset
+            assert len(fs) == 1 or b.size <= limit
+    assert len(plan_buckets(layout, T, 10**9)) < len(plan_buckets(layout, T, 1)) == len(layout.factors)
+
+
+def eager_run(llama_dir, ids, mask, tids, **kw):
+    model = lora_llama(llama_dir)
+    olr = OrthoLoRA(model, T, reduce="eager", **kw)
+    for micro in range(2):  # two micro-batches accumulate into the owned region
+        olr.set_tasks(tids)
+        olr.backward(lm_task_losses(model, ids, tids, T, mask) * (micro + 1))
+    return model, olr
+
+
+def test_eager_one_process_matches_step(llama_dir):
+    ids, mask, tids = batch()
+    _, eager = eager_run(llama_dir, ids, mask, tids)
+    assert 2 < len(eager.grads.buckets) < len(eager.layout.factors)
+    model = lora_llama(llama_dir)
+    step = OrthoLoRA(model, T)
+    for micro in range(2):
+        step.set_tasks(tids)
+        step.backward(lm_task_losses(model, ids, tids, T, mask) * (micro + 1))
+    torch.testing.assert_close(eager.grads.reduced_region(), step.grads.reduced_region(), rtol=0, atol=0)
+
+
+def test_eager_refuses_factor_run_twice_or_never(llama_dir):
+    ids, mask, tids = batch()
+    model, olr = eager_run(llama_dir, ids, mask, tids)
+    olr.set_tasks(tids)
+    twice = lm_task_losses(model, ids, tids, T, mask) + lm_task_losses(model, ids, tids, T, mask)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        olr.backward(twice)
+    model, olr = eager_run(llama_dir, ids, mask, tids)
+    olr.set_tasks(tids)
+    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    hidden.sum().backward()  # reaches layer 0's factors only
+    with pytest.raises(RuntimeError, match="did not reach"):
+        olr.set_tasks(tids)
+    with pytest.raises(RuntimeError, match="did not reach"):
+        olr.project()
+
+
+@pytest.mark.parametrize("reduce", ["step", "eager"])
+def test_bf16_buffer_combined_gradient(llama_dir, reduce):
+    """buffer_dtype bfloat16: half the bytes; combined gradient within 1e-2 relative of the fp32 buffer's.
+
+    Each per-task gradient is an fp32 matmul rounded once per micro-batch into bf16 (unit roundoff 2^-9 ~ 2e-3,
+    two micro-batches accumulate: ~2 roundings); Grams and weights are computed in fp32/fp64 from the rounded
+    values, so the combined gradient moves by a few roundoffs: 1e-2 bounds it; it must also differ from fp32
+    (else the buffer was not bf16).
+    """
+    ids, mask, tids = batch()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        _, olr = eager_run(llama_dir, ids, mask, tids, buffer_dtype=dtype) if reduce == "eager" else (None, None)
+        if olr is None:
+            model = lora_llama(llama_dir)
+            olr = OrthoLoRA(model, T, buffer_dtype=dtype)
+            for micro in range(2):
+                olr.set_tasks(tids)
+                olr.backward(lm_task_losses(model, ids, tids, T, mask) * (micro + 1))
+        out[dtype] = (olr.grads.peak_bytes, olr.project().combined)
+    (b32, c32), (b16, c16) = out["float32"], out["bfloat16"]
+    assert b16 * 2 == b32
+    assert 0 < rel(c16, c32) < 1e-2

@@ -146,3 +146,26 @@ def test_clipping_means_the_same_on_every_engine(engine, runs):
     ref = json.loads((single_dir / "ortho-factor" / "rank0.json").read_text())["grad_norms"]
     assert min(ref) > 0.05, "the test must actually clip"
     assert norms == pytest.approx(ref, rel=1e-5)
+
+
+def test_eager_buckets_match_single_process(tmp_path):
+    """reduce 'eager' with factors grouped into buckets (4-layer model: several factors per bucket; and a tiny
+    bucket_mb: one factor per bucket), each reduced asynchronously: same weights as one process, in bounded memory."""
+    from tests.models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama4", layers=4)
+    launch("single", tmp_path / "single", model, "--variants", "ortho:factor")
+    launch("ddp", tmp_path / "ddp", model, "--variants", "ortho:factor,ortho:factor:eager:25,ortho:factor:eager:0.003")
+    ref = load_file(tmp_path / "single" / "ortho-factor" / "rank0.safetensors")
+    full = json.loads((tmp_path / "ddp" / "ortho-factor" / "rank0.json").read_text())["peak_buffer_bytes"]
+    buckets = {}
+    for v in ("ortho-factor-eager-25", "ortho-factor-eager-0.003"):
+        r0, r1 = load_file(tmp_path / "ddp" / v / "rank0.safetensors"), load_file(tmp_path / "ddp" / v / "rank1.safetensors")
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), f"{v}: ranks differ"
+        assert rel(r0, ref) < 1e-5, f"{v} vs single process: {rel(r0, ref):.2e}"
+        rec = json.loads((tmp_path / "ddp" / v / "rank0.json").read_text())
+        assert rec["peak_buffer_bytes"] <= 0.6 * full, (rec["peak_buffer_bytes"], full)
+        buckets[v] = rec["buckets"]
+    n_factors = 4 * 7 * 2
+    assert buckets["ortho-factor-eager-25"] < buckets["ortho-factor-eager-0.003"] <= n_factors, buckets
+    assert buckets["ortho-factor-eager-25"] > 16, "a bucket holds at most 1/16 of the (largest) region"
