@@ -64,8 +64,11 @@ def build_command(plan: LaunchPlan) -> list[str]:
     ]
     if plan.accelerate_config:
         cmd.append(f"--config_file={plan.accelerate_config}")
-    elif plan.world_size > 1:
-        cmd.append("--multi_gpu")
+    else:
+        if plan.world_size > 1:
+            cmd.append("--multi_gpu")  # accelerate's torch.distributed launch; on CPU the ranks use gloo
+        # said explicitly (accelerate warns about defaults otherwise); precision is model.dtype, never accelerate's
+        cmd += ["--mixed_precision=no", "--dynamo_backend=no"]
     return cmd + ["-m", "ortho_lora_dist.cli", *_train_args(plan)]
 
 

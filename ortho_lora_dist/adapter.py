@@ -6,8 +6,10 @@
   heads.safetensors           encoder task heads, ``heads.<task>.weight`` / ``heads.<task>.bias``
   tasks.json                  ``model`` (kind, pooling, max_length, quantization, dtype, base id), ``lora``,
                               ``train`` (method and key settings), ``tasks`` (type, labels, label_words, prompt,
-                              metric, text_pair, head keys)
+                              metric, text_pair, head keys, generation options and answer extraction)
   README.md                   the model card (card.py)
+Each task's ``format`` (text | alpaca | chat; absent in older adapters: text) tells predict which input fields a
+record needs (text / instruction + input / messages) and how its prompt is built.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ def describe(cfg, tasks, step: int, total_steps: int) -> dict:
         "tasks": [{
             "name": t.name, "type": t.config.type, "labels": t.labels, "label_words": t.config.label_words,
             "prompt": None if encoder else t.config.prompt, "metric": t.config.metric,
+            "format": t.config.format,  # text | alpaca | chat: which fields predict reads and how the prompt is built
             "text_pair": t.config.text_pair_field is not None,
+            # how generation tasks decode and score (predict needs them without the config)
+            "generation": t.config.generation.model_dump(), "answer_regex": t.config.answer_regex,
+            "extract": t.config.extract, "normalize": t.config.normalize,
             "head": [f"heads.{t.name}.weight", f"heads.{t.name}.bias"] if encoder else None,
         } for t in tasks],
     }
@@ -100,7 +106,7 @@ def load_heads(heads: nn.ModuleList, names: list[str], heads_file: Path) -> None
 
 def spec_from_meta(meta: dict, base: str | None = None):
     """(Config, [TaskData]) rebuilt from tasks.json: what modeling.build_model reads, without any data."""
-    from .config import Config, LoraConfigModel, ModelConfig, TaskConfig
+    from .config import Config, GenerationOptions, LoraConfigModel, ModelConfig, TaskConfig
     from .data import TaskData
 
     model = {k: v for k, v in meta["model"].items() if k in ModelConfig.model_fields}
@@ -108,7 +114,11 @@ def spec_from_meta(meta: dict, base: str | None = None):
         model["name_or_path"] = base
     tasks = []
     for t in meta["tasks"]:
-        given = {k: t[k] for k in ("type", "labels", "label_words", "prompt", "metric") if t.get(k) is not None}
+        given = {k: t[k] for k in ("type", "labels", "label_words", "prompt", "metric", "answer_regex", "extract", "normalize",
+                                   "format")
+                 if t.get(k) is not None}
+        if isinstance(t.get("generation"), dict):  # absent in older adapters: the defaults
+            given["generation"] = GenerationOptions(**t["generation"])
         config = TaskConfig.model_construct(name=t["name"], text_pair_field="text_pair" if t.get("text_pair") else None, **given)
         tasks.append(TaskData(t["name"], config, labels=t.get("labels")))
     lora = LoraConfigModel(**{k: v for k, v in meta.get("lora", {}).items() if k in LoraConfigModel.model_fields})

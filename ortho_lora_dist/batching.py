@@ -1,10 +1,22 @@
-"""Task sampling as in the paper: every optimizer step sees one batch from EVERY task.
+"""Task sampling: every micro-batch is task-labelled and grouped by task (what the per-task capture needs).
 
-Each task has its own seeded stream of shuffled passes over its training set. A global micro-batch
-takes the next ``batch * world`` indices of every task's stream; rank r keeps the r-th contiguous
-chunk, so N ranks together see exactly what one process with ``batch * N`` per task would see.
-An epoch is one pass over the LARGEST task: steps_per_epoch = ceil(max_t n_t / (batch * world * accum));
-smaller tasks cycle through reshuffled passes. Positions are saved in checkpoints for exact resume.
+Each task has its own seeded stream of shuffled passes over its training set.
+
+``equal`` (the paper; default): a global micro-batch takes the next ``batch * world`` indices of every task's
+stream; rank r keeps the r-th contiguous chunk, so N ranks together see exactly what one process with
+``batch * N`` per task would see. An epoch is one pass over the LARGEST task:
+steps_per_epoch = ceil(max_t n_t / (batch * world * accum)); smaller tasks cycle through reshuffled passes.
+
+``proportional`` / ``temperature``: a micro-batch holds ``batch * T`` samples per rank; how many of each task,
+k_t, is drawn for every micro-batch (multinomial, ``batch * T`` draws with p_t ~ n_t^(1/temperature);
+proportional is temperature 1) from a generator seeded by (seed, micro-batch number), so every rank draws the
+same k and a resumed run draws what the uninterrupted one did. Every rank gets k_t samples of task t (the
+global micro-batch has k_t * world of them, rank r the r-th chunk of the task's next k_t * world indices): the
+per-rank means average to the global mean, as in ``equal``. A task with k_t = 0 is absent from the
+micro-batch: its loss is 0 and it adds no gradient there. An epoch is as many samples as all tasks together:
+steps_per_epoch = ceil(sum_t n_t / (batch * T * world * accum)).
+
+Positions (and the number of micro-batches drawn) are saved in checkpoints for exact resume.
 """
 
 from __future__ import annotations
@@ -45,27 +57,66 @@ class TaskStream:
         self._perm = self._permutation()
 
 
-class MultiTaskSampler:
-    """Yields this rank's records and task ids of one micro-batch: ``batch`` samples of each task, task-sorted."""
+MODES = ("equal", "proportional", "temperature")
 
-    def __init__(self, sizes: list[int], batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.sizes, self.batch, self.rank, self.world = sizes, batch, rank, world
+
+def task_probabilities(sizes: list[int], mode: str, temperature: float = 1.0) -> list[float]:
+    """p_t ~ n_t^(1/temperature) (proportional: temperature 1; equal: 1/T)."""
+    if mode not in MODES:
+        raise ValueError(f"task sampling must be one of {MODES}, got {mode!r}")
+    if mode == "equal":
+        return [1.0 / len(sizes)] * len(sizes)
+    tau = 1.0 if mode == "proportional" else float(temperature)
+    w = [n ** (1.0 / tau) for n in sizes]
+    return [x / sum(w) for x in w]
+
+
+class MultiTaskSampler:
+    """Yields this rank's records and task ids of one micro-batch, task-sorted: ``batch`` samples of each task
+    (equal), or ``batch * T`` samples shared by a seeded draw (proportional / temperature)."""
+
+    def __init__(self, sizes: list[int], batch: int, seed: int, rank: int = 0, world: int = 1,
+                 mode: str = "equal", temperature: float = 2.0) -> None:
+        self.sizes, self.batch, self.rank, self.world, self.seed = sizes, batch, rank, world, seed
+        self.mode = mode
+        self.probs = task_probabilities(sizes, mode, temperature)
         self.streams = [TaskStream(n, seed, t) for t, n in enumerate(sizes)]
+        self.draws = 0  # micro-batches drawn (proportional / temperature)
 
     def steps_per_epoch(self, accum: int) -> int:
-        return max(1, math.ceil(max(self.sizes) / (self.batch * self.world * accum)))
+        if self.mode == "equal":
+            return max(1, math.ceil(max(self.sizes) / (self.batch * self.world * accum)))
+        return max(1, math.ceil(sum(self.sizes) / (self.batch * len(self.sizes) * self.world * accum)))
+
+    def allocation(self, draw: int) -> list[int]:
+        """Samples of each task per rank in micro-batch number ``draw`` (sums to batch * T; same on every rank)."""
+        T = len(self.sizes)
+        if self.mode == "equal":
+            return [self.batch] * T
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 + draw * 104_729)
+        picks = torch.multinomial(torch.tensor(self.probs, dtype=torch.float64), self.batch * T, replacement=True, generator=gen)
+        return torch.bincount(picks, minlength=T).tolist()
 
     def next(self) -> list[tuple[int, int]]:
         """[(task, index)] of this rank's share of the next global micro-batch, grouped by task."""
+        counts = self.allocation(self.draws)
+        if self.mode != "equal":
+            self.draws += 1
         out = []
-        for t, stream in enumerate(self.streams):
-            idx = stream.take(self.batch * self.world)
-            out += [(t, i) for i in idx[self.rank * self.batch : (self.rank + 1) * self.batch]]
+        for t, (stream, k) in enumerate(zip(self.streams, counts)):
+            if k == 0:
+                continue
+            idx = stream.take(k * self.world)
+            out += [(t, i) for i in idx[self.rank * k : (self.rank + 1) * k]]
         return out
 
     def state_dict(self) -> dict:
-        return {"streams": [s.state_dict() for s in self.streams]}
+        state: dict = {"streams": [s.state_dict() for s in self.streams]}
+        if self.mode != "equal":
+            state["draws"] = self.draws
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for s, st in zip(self.streams, state["streams"]):
             s.load_state_dict(st)
+        self.draws = int(state.get("draws", 0))

@@ -1,4 +1,4 @@
-"""``ortho-lora``: train | eval | predict | merge | plot | launch | compare | prepare-demo."""
+"""``ortho-lora``: train | eval | predict | merge | plot | launch | compare | init | prepare-demo."""
 
 from __future__ import annotations
 
@@ -91,10 +91,12 @@ def _prepare_demo(args) -> int:
 
 
 def _launch(args) -> int:
-    from launcher.plan import LaunchError, build_command, plan_from_args, render
-    from launcher.run import run
-
     from .config import ConfigError
+    from .packaged import launcher_module
+
+    plan_mod, run = launcher_module("plan"), launcher_module("run").run
+    LaunchError, build_command, plan_from_args, render = (
+        plan_mod.LaunchError, plan_mod.build_command, plan_mod.plan_from_args, plan_mod.render)
 
     try:
         plan = plan_from_args(args, write_files=not args.dry_run)
@@ -109,6 +111,17 @@ def _launch(args) -> int:
     if plan.launcher == "deepspeed":
         env.setdefault("PDSH_RCMD_TYPE", "ssh")
     return run(cmd, env)
+
+
+def _init(args) -> int:
+    from .init import init_project
+
+    written = init_project(args.template, args.dir, force=args.force)
+    for path in written:
+        print(f"written: {path}")
+    if not written:
+        print(f"nothing written: the {args.template} template's files are already in {args.dir}, unchanged")
+    return 0
 
 
 def _compare(args) -> int:
@@ -136,7 +149,10 @@ def _compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="ortho-lora", description="Exact Ortho-LoRA multi-task LoRA/QLoRA fine-tuning")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one shared LoRA adapter on several tasks")
@@ -196,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="default: OUTPUT_DIR-compare")
     c.set_defaults(func=_compare)
 
+    it = sub.add_parser("init", help="write a starter config (+ the DeepSpeed config it names and the SLURM scripts) here")
+    it.add_argument("--template", default="demo", help="demo (default), paper_glue, llama7b_qlora or study")
+    it.add_argument("--dir", default=".", help="where to write (default: the current folder)")
+    it.add_argument("--force", action="store_true", help="overwrite files that exist")
+    it.set_defaults(func=_init)
+
     d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
     d.add_argument("--out", default="data/demo")
     d.add_argument("--train", type=int, default=512)
@@ -211,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("ORTHO_LORA_VERBOSE"):  # library bars and load reports off unless asked for
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:  # imported before main() (called in-process): the env var came too late
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -242,12 +268,13 @@ def _exit_code(e: Exception) -> int | None:
     from .data import DataError
     from .resume import ResumeMismatch
     from .runlock import RunLocked
+    from .telemetry import TrackerError
     from .trainer import RunExists, TooManySkips, TrainingFailed
 
     if isinstance(e, TrainingFailed):
         return 1
     if isinstance(e, (ConfigError, DataError, FileNotFoundError, FileExistsError, RunLocked, RunExists, ResumeMismatch,
-                      CheckpointError, TooManySkips, AdapterError)):
+                      CheckpointError, TooManySkips, AdapterError, TrackerError)):
         return 2
     return None
 

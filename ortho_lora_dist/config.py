@@ -35,11 +35,19 @@ class LoraConfigModel(Strict):
     use_rslora: bool = False
 
 
+class GenerationOptions(Strict):
+    """Decoding of a generation task (greedy, batched with left padding; see generation.py)."""
+
+    max_new_tokens: int = Field(32, gt=0, description="tokens generated at most per answer")
+    stop: list[str] = Field(default_factory=list, description="the answer ends before the first of these strings")
+
+
 class TaskConfig(Strict):
     name: str
     dataset: str | None = Field(None, description="HF dataset id (loaded with datasets.load_dataset)")
     dataset_config: str | None = None
-    files: dict[Literal["train", "validation", "test"], str] | None = Field(None, description="local JSONL or CSV files")
+    files: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder")
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str | None = None
@@ -50,10 +58,24 @@ class TaskConfig(Strict):
     labels: list[str] | None = Field(None, description="label set (default: the labels seen in train, sorted)")
     metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match"] = "accuracy"
     loss_weight: float = Field(1.0, ge=0)
-    prompt: str = "{text}\nAnswer:"
+    prompt: str | None = Field(None, description="format text: '{text}' / '{text_pair}' template (default "
+                               "'{text}\\nAnswer:'); alpaca: '{instruction}' / '{input}' (default: Alpaca's templates)")
     label_words: dict[str, str] | None = None
+    generation: GenerationOptions = Field(default_factory=GenerationOptions, description="generation tasks: max_new_tokens, stop")
+    answer_regex: str | None = Field(None, description="scored answer: first capture group (or whole match), on prediction and reference")
+    extract: Literal["none", "last_number", "gsm8k"] = Field("none", description="named answer extractor (instead of answer_regex)")
+    normalize: Literal["default", "lowercase", "strip"] = Field("default", description="answer normalisation before exact_match")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    format: Literal["text", "alpaca", "chat"] = Field("text", description="record layout: text (+pair) and label, "
+                                                      "instruction/input/output, or chat messages (see README)")
+    instruction_field: str = "instruction"
+    input_field: str = Field("input", description="alpaca: optional per record (missing or empty: no input)")
+    output_field: str = "output"
+    messages_field: str = Field("messages", description="chat: a list of {role, content}; the last is the assistant's answer")
+    train_on_inputs: bool = Field(False, description="causal-lm: loss on the prompt tokens too (default: answer only)")
+    validation_fraction: float | None = Field(None, gt=0, lt=1, description="hold out this share of train as validation")
+    validation_seed: int = Field(0, description="seed of the validation_fraction split (fixed across train.seed)")
 
     @model_validator(mode="after")
     def _source(self) -> "TaskConfig":
@@ -61,6 +83,50 @@ class TaskConfig(Strict):
             raise ValueError(f"task {self.name!r}: give exactly one of 'dataset' (HF id) or 'files' (local JSONL/CSV)")
         if self.files is not None and "train" not in self.files:
             raise ValueError(f"task {self.name!r}: files needs a 'train' entry")
+        given = self.model_fields_set
+        if self.format != "text":  # the answer is text: generation, scored by exact match unless told otherwise
+            if "type" not in given:
+                self.type = "generation"
+            elif self.type != "generation":
+                raise ValueError(f"task {self.name!r}: format {self.format!r} makes a generation task (its answer is "
+                                 f"text), not {self.type!r}: remove 'type' or set type: generation")
+            if "metric" not in given:
+                self.metric = "exact_match"
+        if self.format == "chat" and self.prompt is not None:
+            raise ValueError(f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "
+                             "remove 'prompt'")
+        if self.format == "text" and self.prompt is None:
+            self.prompt = "{text}\nAnswer:"
+        if self.prompt is not None:
+            import string
+
+            allowed = {"text": {"text", "text_pair"}, "alpaca": {"instruction", "input"}}[self.format]
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None}
+            except ValueError as e:
+                raise ValueError(f"task {self.name!r}: prompt is not a valid template ({e}; write {{{{ and }}}} for braces)") from None
+            bad = sorted(names - allowed)
+            if bad:
+                raise ValueError(f"task {self.name!r}: prompt uses {', '.join('{' + b + '}' for b in bad)}; format "
+                                 f"{self.format!r} fills {', '.join('{' + a + '}' for a in sorted(allowed))}")
+        if self.validation_fraction is not None:
+            if self.files is not None and "validation" in self.files:
+                raise ValueError(f"task {self.name!r}: give either files.validation or validation_fraction, not both")
+            if self.dataset is not None and "eval_split" in given:
+                raise ValueError(f"task {self.name!r}: give either eval_split or validation_fraction, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _answer(self) -> "TaskConfig":
+        if self.answer_regex is not None:
+            if self.extract != "none":
+                raise ValueError(f"task {self.name!r}: give answer_regex or extract, not both")
+            import re
+
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                raise ValueError(f"task {self.name!r}: answer_regex {self.answer_regex!r} is not a valid regular expression ({e})") from None
         return self
 
 
@@ -70,13 +136,24 @@ class TrainConfig(Strict):
     granularity: Literal["factor", "module", "global"] = "factor"
     mode: Literal["one_backward", "reference"] = "one_backward"
     reduce: Literal["auto", "step", "eager"] = "auto"
+    bucket_mb: float = Field(
+        25.0, gt=0, description="reduce 'eager': MB of per-task gradients per asynchronous reduce (at most 1/16 of a rank's region)"
+    )
+    buffer_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the per-task gradient buffer (bfloat16: half its memory; Grams stay fp32/fp64)"
+    )
     lr: float = Field(5e-4, gt=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
-    per_task_batch_size: int = Field(32, gt=0, description="samples of EACH task per rank per micro-batch")
+    per_task_batch_size: int = Field(32, gt=0, description="samples of EACH task per rank per micro-batch (task_sampling "
+                                     "equal); otherwise a micro-batch holds per_task_batch_size x tasks samples per rank")
+    task_sampling: Literal["equal", "proportional", "temperature"] = Field(
+        "equal", description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
+        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); see docs/design.md")
+    temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
     gradient_accumulation: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(0.0, ge=0, description="0: no clipping")
@@ -87,6 +164,9 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0)
     max_consecutive_skips: int = Field(10, gt=0)
     plots: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="trackers besides metrics.jsonl (always written): "
+        "tensorboard, wandb (mode from WANDB_MODE), mlflow (MLFLOW_TRACKING_URI); [] for none")
 
     @field_validator("strategy")
     @classmethod
@@ -99,6 +179,15 @@ class TrainConfig(Strict):
                              f"choose from {', '.join(STRATEGIES)}")
         return v
 
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        """A tracker listed but not installed fails here, before anything loads, naming the extra to install."""
+        missing = missing_trackers(v)
+        if missing:
+            raise ValueError("; ".join(missing))
+        return list(dict.fromkeys(v))
+
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
         if self.epochs is None and self.steps is None:
@@ -106,6 +195,15 @@ class TrainConfig(Strict):
         if self.epochs is not None and self.steps is not None:
             raise ValueError("train: give either 'epochs' or 'steps', not both")
         return self
+
+
+def missing_trackers(report_to) -> list[str]:
+    """The trackers of ``report_to`` whose library is not installed, each with the pip extra that brings it."""
+    import importlib.util
+
+    extra = {"tensorboard": "tensorboard", "wandb": "ortho-lora-dist[wandb]", "mlflow": "ortho-lora-dist[mlflow]"}
+    return [f"{name} is not installed (pip install '{extra[name]}')"
+            for name in report_to if importlib.util.find_spec(name) is None]
 
 
 class DistributedConfig(Strict):
@@ -177,7 +275,7 @@ ALIASES = {
     "save_steps": "train.checkpoint_every", "save_total_limit": "train.keep_checkpoints",
     "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "lr_scheduler_type": "train.schedule",
     "max_grad_norm": "train.max_grad_norm", "bf16": "model.dtype: bfloat16", "fp16": "model.dtype: float16",
-    "report_to": "(not supported yet: metrics go to metrics.jsonl and TensorBoard)", "lora_r": "lora.r",
+    "report_to": "train.report_to", "lora_r": "lora.r",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
     "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "sequence_len": "model.max_length",
     "max_seq_length": "model.max_length", "load_in_4bit": "model.quantization: nf4", "load_in_8bit": "model.quantization: int8",
@@ -271,7 +369,41 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for mine, other in (("steps", "epochs"), ("epochs", "steps")):
             if f"train.{mine}" in given and f"train.{other}" not in given and train.get(mine) is not None:
                 train[other] = None
-    return validate_config(tree, str(path), dict(keys))
+    return resolve_paths(validate_config(tree, str(path), dict(keys)), path.parent)
+
+
+def _resolve(value: str, base: Path) -> str | None:
+    """A relative path: the config folder's if it exists there, else the current folder's; None if neither."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for root in (base, Path.cwd()):
+        if (root / path).exists():
+            return str((root / path).resolve())
+    return None
+
+
+def resolve_paths(cfg: Config, base: str | Path) -> Config:
+    """Relative ``tasks[].files`` and ``distributed.deepspeed_config`` resolve against ``base`` (the config's folder).
+
+    Order: the config's folder, then the current folder (configs written before this rule keep working),
+    then, for the DeepSpeed config only, the copy shipped with the package (``ds_configs/zero2.json`` works
+    from anywhere). A path found nowhere is left as written, so the error that follows names it as written.
+    Absolute paths are kept as they are.
+    """
+    base = Path(base)
+    for task in cfg.tasks:
+        if task.files:
+            task.files = {split: _resolve(f, base) or f for split, f in task.files.items()}
+    ds = cfg.distributed.deepspeed_config
+    found = _resolve(ds, base)
+    if found is None and not Path(ds).is_absolute():
+        from .packaged import packaged_file
+
+        shipped = packaged_file(ds)
+        found = str(shipped) if shipped is not None else None
+    cfg.distributed.deepspeed_config = found or ds
+    return cfg
 
 
 def validate_config(tree: dict, source: str = "config", overrides: dict[str, str] | None = None) -> Config:

@@ -3,14 +3,18 @@
   encoder-classification  AutoModel (BERT, RoBERTa, MiniLM...) + one head per task (classes or a score)
   causal-lm               AutoModelForCausalLM (Llama, Mistral, Qwen...): prompt -> answer, loss on the
                           answer tokens only; classification by scoring each label's verbalizer
-Both expose ``task_losses(batch) -> [T]`` (per-task mean loss) and ``predict(batch)``.
+Both expose ``task_losses(batch) -> [T]`` (per-task mean loss), ``task_loss_sums(batch, keep) -> ([T], [T])``
+(loss sums and weights, for exact evaluation across batches and ranks) and ``predict(batch)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +23,7 @@ from torch import nn
 
 from .config import Config, ModelConfig
 from .data import TaskData
-from .losses import task_mean
+from .losses import task_mean, task_sum
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,13 +135,87 @@ def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
         raise
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def library_noise(quantized: bool):
+    """Silence, precisely, two messages our own calls trigger on every run and that ask nothing of the user.
+
+    * ``import peft`` imports bitsandbytes (peft/helpers.py) even when nothing is quantized; on CPUs with
+      AVX512-BF16 that import logs that bitsandbytes' optional CPU 4-bit kernel could not be fetched. Dropped
+      (that message only) when ``quantized`` is False; a quantized run still sees it.
+    * PEFT's PeftModel reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning, PEFT's
+      code, not ours): that one warning is ignored inside this block.
+    """
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = _DropMessage("gemm_4bit_forward from kernels-community")
+    if not quantized:
+        bnb_logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        bnb_logger.removeFilter(drop)
+
+
 def attach_lora(base: nn.Module, cfg: Config, adapter_dir: str | Path | None) -> nn.Module:
     """A new LoRA adapter (training) or a saved one, frozen, from ``adapter_dir`` (predict, merge)."""
-    if adapter_dir is None:
-        return add_lora(base, cfg)
-    from peft import PeftModel
+    with library_noise(cfg.model.quantization != "none"):
+        if adapter_dir is None:
+            return add_lora(base, cfg)
+        from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+@contextlib.contextmanager
+def _held_load_reports():
+    """Hold back transformers' LOAD REPORT records of the from_pretrained calls inside (see load_encoder)."""
+    held: list[logging.LogRecord] = []
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+def load_encoder(path: str, **kw) -> nn.Module:
+    """AutoModel without its pooler (unused: we pool ourselves; without it no LoRA factor sits on a dead branch).
+
+    transformers 5 reports the checkpoint's pooler weights as UNEXPECTED in a LOAD REPORT warning: expected
+    here, since we asked for no pooler. That report is dropped when the pooler keys are all it lists; any
+    other finding (missing, mismatched or other unexpected keys) is logged as transformers wrote it.
+    """
+    from transformers import AutoModel
+
+    try:
+        with _held_load_reports() as held:
+            base, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True, **kw)
+    except TypeError:  # a model class without add_pooling_layer
+        return AutoModel.from_pretrained(path, **kw)
+    pooler_only = (not info.get("missing_keys") and not info.get("mismatched_keys")
+                   and all(re.search(r"(^|\.)pooler\.", k) for k in info.get("unexpected_keys", ())))
+    if not pooler_only:
+        logger = logging.getLogger("transformers.modeling_utils")
+        for record in held:
+            logger.handle(record)
+    return base
 
 
 class EncoderMultiTask(nn.Module):
@@ -145,17 +223,12 @@ class EncoderMultiTask(nn.Module):
 
     def __init__(self, cfg: Config, tasks: list[TaskData], tokenizer, adapter_dir: str | Path | None = None):
         super().__init__()
-        from transformers import AutoModel
-
         path = resolve_model_path(cfg.model.name_or_path)
         kw = dict(
             dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, None),
             trust_remote_code=cfg.model.trust_remote_code, **_placement(cfg.model),
         )
-        try:  # the pooler is unused (we pool ourselves): without it, no LoRA factor sits on a dead branch
-            base = AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
-        except TypeError:
-            base = AutoModel.from_pretrained(path, **kw)
+        base = load_encoder(path, **kw)
         self.encoder = attach_lora(base, cfg, adapter_dir)
         hidden = base.config.hidden_size
         self.kinds = [t.config.type for t in tasks]
@@ -194,7 +267,7 @@ class EncoderMultiTask(nn.Module):
             if rows.numel():
                 yield t, rows, head(pooled.index_select(0, rows).to(head.weight.dtype))
 
-    def task_losses(self, batch: dict) -> torch.Tensor:
+    def _sample_losses(self, batch: dict) -> torch.Tensor:
         pooled, task_ids, labels = self._pooled(batch), batch["task_ids"], batch["labels"]
         per = torch.zeros(len(task_ids), device=pooled.device)
         for t, rows, out in self._per_task(pooled, task_ids):
@@ -204,7 +277,16 @@ class EncoderMultiTask(nn.Module):
             else:
                 loss = F.mse_loss(out.float().squeeze(-1), y.float(), reduction="none")
             per = per.index_put((rows,), loss)
-        return task_mean(per, task_ids, len(self.heads))
+        return per
+
+    def task_losses(self, batch: dict) -> torch.Tensor:
+        return task_mean(self._sample_losses(batch), batch["task_ids"], len(self.heads))
+
+    def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums [T], sample counts [T]) over the samples with ``keep`` (default all): mean over samples."""
+        per = self._sample_losses(batch)
+        w = None if keep is None else keep.to(per.device, per.dtype)
+        return task_sum(per, batch["task_ids"], len(self.heads), w)
 
     @torch.no_grad()
     def predict(self, batch: dict) -> list:
@@ -218,6 +300,18 @@ class EncoderMultiTask(nn.Module):
         return preds
 
 
+def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> None:
+    """A chat task needs the tokenizer's chat template: refuse (DataError, exit 2) naming the task and key."""
+    for i, t in enumerate(tasks):
+        if getattr(t.config, "format", "text") == "chat" and not getattr(tokenizer, "chat_template", None):
+            from .data import DataError
+
+            raise DataError(
+                f"task {t.name!r} (tasks.{i}.format: chat): the tokenizer of {model_name} has no chat template "
+                "(tokenizer_config.json 'chat_template' / chat_template.jinja) to render its messages: use a chat or "
+                "instruct model, give the tokenizer a template, or use format alpaca or text")
+
+
 class CausalLMMultiTask(nn.Module):
     """Shared LoRA causal LM: tasks as prompt -> answer text, loss on the answer tokens only."""
 
@@ -226,6 +320,7 @@ class CausalLMMultiTask(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
+        check_chat_template(tasks, tokenizer, cfg.model.name_or_path)  # before the (large) model loads
         path = resolve_model_path(cfg.model.name_or_path)
         base = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.model.dtype], quantization_config=_quantization(cfg.model, quant_storage),
@@ -246,21 +341,71 @@ class CausalLMMultiTask(nn.Module):
     def task_params(self) -> dict[int, list[nn.Parameter]]:
         return {}
 
+    def _render(self, task: int, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The tokenizer's chat template applied to ``messages`` (text, not ids); errors name the task."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:
+            from .data import DataError
+
+            raise DataError(f"task {self.tasks[task].name!r}: the tokenizer's chat template failed on a conversation "
+                            f"({type(e).__name__}: {e})") from None
+
+    def _adds_bos(self) -> bool:
+        """Whether tokenizing with special tokens puts BOS in front (then a BOS the chat template wrote is dropped)."""
+        if not hasattr(self, "_bos"):
+            tok = self.tokenizer
+            ids, bare = tok("a", add_special_tokens=True)["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+            self._bos = bool(tok.bos_token) and len(ids) > len(bare) and ids[0] == tok.bos_token_id
+        return self._bos
+
     def _prompt(self, task: int, r: dict) -> str:
-        return self.tasks[task].config.prompt.format(text=r["text"], text_pair=r.get("text_pair", ""))
+        """The prompt text; tokenized WITH special tokens (as _encode and generation do) it gives the model's input.
+
+        text: ``prompt`` with {text}/{text_pair}; alpaca: ``prompt`` (or Alpaca's templates) with {instruction}/{input};
+        chat: the turns before the answer through the tokenizer's chat template with the generation prompt (a leading
+        BOS the template writes is left to the tokenizer, so it is never doubled).
+        """
+        cfg = self.tasks[task].config
+        fmt = getattr(cfg, "format", "text")
+        if fmt == "chat":
+            text = self._render(task, r["messages"], add_generation_prompt=True)
+            bos = self.tokenizer.bos_token
+            return text[len(bos):] if self._adds_bos() and bos and text.startswith(bos) else text
+        if fmt == "alpaca":
+            from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+
+            template = cfg.prompt or (ALPACA_PROMPT if r.get("input") else ALPACA_PROMPT_NO_INPUT)
+            return template.format(instruction=r["instruction"], input=r.get("input", ""))
+        return cfg.prompt.format(text=r["text"], text_pair=r.get("text_pair", ""))
 
     def _answer(self, task: int, label) -> str:
         t = self.tasks[task]
         return t.config.label_words[t.labels[label]] if t.config.type == "classification" else str(label)
 
-    def _encode(self, prompts: list[str], answers: list[str]) -> dict:
+    def _target(self, task: int, r: dict) -> tuple[str, bool]:
+        """(answer text to train on, whether EOS follows it). Chat: what the template writes after the prompt for
+        the answer turn (content plus the template's end-of-turn tokens), when rendering extends the prompt."""
+        answer = self._answer(task, r["label"])
+        if getattr(self.tasks[task].config, "format", "text") == "chat":
+            prompt = self._render(task, r["messages"], add_generation_prompt=True)
+            full = self._render(task, [*r["messages"], {"role": "assistant", "content": answer}], add_generation_prompt=False)
+            if full.startswith(prompt) and answer in full[len(prompt):]:
+                return full[len(prompt):], False
+        return answer, True
+
+    def _encode(self, prompts: list[str], answers: list[str], eos: list[bool] | None = None,
+                prompt_loss: list[bool] | None = None) -> dict:
+        """Token ids, mask and labels: prompt + answer (+ EOS); labels -100 on the prompt unless ``prompt_loss``."""
         tok, ids, labels = self.tokenizer, [], []
-        for p, a in zip(prompts, answers):
+        eos = eos or [True] * len(prompts)
+        prompt_loss = prompt_loss or [False] * len(prompts)
+        for p, a, e, pl in zip(prompts, answers, eos, prompt_loss):
             p_ids = tok(bound_chars(p, self.max_length, keep_end=True), add_special_tokens=True)["input_ids"]
-            a_ids = tok(a, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+            a_ids = tok(a, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e and tok.eos_token_id is not None else [])
             p_ids = p_ids[-max(1, self.max_length - len(a_ids)) :]  # truncate the prompt from the left
             ids.append(p_ids + a_ids)
-            labels.append([-100] * len(p_ids) + a_ids)
+            labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
         width = max(map(len, ids))
         pad = tok.pad_token_id
         return {
@@ -270,7 +415,9 @@ class CausalLMMultiTask(nn.Module):
         }
 
     def collate(self, records: list[dict], task_ids: list[int]) -> dict:
-        enc = self._encode([self._prompt(t, r) for t, r in zip(task_ids, records)], [self._answer(t, r["label"]) for t, r in zip(task_ids, records)])
+        targets = [self._target(t, r) for t, r in zip(task_ids, records)]
+        enc = self._encode([self._prompt(t, r) for t, r in zip(task_ids, records)], [a for a, _ in targets],
+                           [e for _, e in targets], [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids])
         return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
 
     def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,22 +431,53 @@ class CausalLMMultiTask(nn.Module):
         tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
         return task_mean(loss, tids, len(self.tasks), mask)
 
+    def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` (default all): token-weighted."""
+        loss, mask = self._token_losses(batch)
+        if keep is not None:
+            mask = mask * keep.to(mask.device, mask.dtype)[:, None]
+        loss = torch.where(mask > 0, loss, torch.zeros_like(loss))  # a non-finite loss on a pad/prompt token never leaks in
+        tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
+        return task_sum(loss, tids, len(self.tasks), mask)
+
     @torch.no_grad()
-    def predict(self, batch: dict) -> list:
-        preds = []
-        for t, r in zip(batch["task_ids"].tolist(), batch["records"]):
-            task = self.tasks[t]
-            if task.config.type == "classification":  # score every label's verbalizer, take the best
-                words = [task.config.label_words[label] for label in task.labels]
-                enc = self._encode([self._prompt(t, r)] * len(words), words)
-                loss, mask = self._token_losses({k: v.to(self.device) for k, v in enc.items()})
-                scores = (loss * mask).sum(1)
-                preds.append(int(scores.argmin()) if bool(torch.isfinite(scores).all()) else None)
-            else:
-                prompt = self.tokenizer(self._prompt(t, r), return_tensors="pt").to(self.device)
-                out = self.model.generate(**prompt, max_new_tokens=32, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-                preds.append(self.tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-        return preds
+    def predict(self, batch: dict, return_text: bool = False) -> list:
+        """Per sample: the label index (classification: every label's verbalizer scored, all samples and labels in
+        ONE forward) or the extracted, normalised answer (generation: one left-padded greedy batch per task; see
+        generation.py). None for a non-finite score. ``return_text``: (prediction, generated text or None) pairs.
+        """
+        from .generation import answer, generate
+
+        task_ids, records = batch["task_ids"].tolist(), batch["records"]
+        preds: list = [None] * len(records)
+        texts: list = [None] * len(records)
+        scored = [i for i, t in enumerate(task_ids) if self.tasks[t].config.type == "classification"]
+        if scored:  # every (sample, label word) pair as one row: sum of the answer tokens' losses, lowest wins
+            prompts, words = [], []
+            for i in scored:
+                task = self.tasks[task_ids[i]]
+                prompt = self._prompt(task_ids[i], records[i])
+                for label in task.labels:
+                    prompts.append(prompt)
+                    words.append(task.config.label_words[label])
+            enc = self._encode(prompts, words)
+            loss, mask = self._token_losses({k: v.to(self.device) for k, v in enc.items()})
+            scores = (loss * mask).sum(1).tolist()
+            k = 0
+            for i in scored:
+                n = len(self.tasks[task_ids[i]].labels)
+                mine = torch.tensor(scores[k : k + n])
+                preds[i] = int(mine.argmin()) if bool(torch.isfinite(mine).all()) else None
+                k += n
+        synced = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        for t in sorted({t for t in task_ids if self.tasks[t].config.type == "generation"}):
+            rows = [i for i, x in enumerate(task_ids) if x == t]
+            cfg = self.tasks[t].config
+            out = generate(self.model, self.tokenizer, [self._prompt(t, records[i]) for i in rows], self.max_length,
+                           cfg.generation.max_new_tokens, cfg.generation.stop, self.device, synced)
+            for i, text in zip(rows, out):
+                preds[i], texts[i] = answer(cfg, text), text
+        return list(zip(preds, texts)) if return_text else preds
 
     @property
     def device(self) -> torch.device:

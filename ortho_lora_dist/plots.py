@@ -1,6 +1,8 @@
 """PNG plots of a run (matplotlib, Agg):
 
-  loss.png       training loss per task and the learning rate over steps (+ validation metrics when evaluated)
+  loss.png       training loss per task (solid), validation loss per task (dotted, same colour, when evaluated
+                 with train.eval_every) and the learning rate (dashed black, right axis); validation metrics in a
+                 second panel when evaluated
   leverage.png   ||combined - joint|| / ||joint||, cos(combined, joint), and each task's first-order gain
   conflicts.png  the conflict map: LoRA layers (module names) x task pairs, mean cosine of the two tasks'
                  gradients over the logged steps, lora_A and lora_B blocks in separate panels
@@ -45,16 +47,21 @@ def plot_run(output_dir: str | Path) -> list[Path]:
     if not records:
         raise ValueError(f"{out / 'metrics.jsonl'} has no logged training steps")
     evals = [r for r in all_records if "eval" in r and r["eval"]]
+    eval_losses = [r for r in all_records if r.get("eval_loss")]
     written = []
     steps = [r["step"] for r in records]
 
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4), squeeze=False)
     ax = axes[0, 0]
     for task in records[0]["loss"]:
-        ax.plot(steps, [r["loss"][task] for r in records], label=task)
+        (line,) = ax.plot(steps, [r["loss"][task] for r in records], label=task)
+        pts = [(r["step"], r["eval_loss"][task]) for r in eval_losses if r["eval_loss"].get(task) is not None]
+        if pts:
+            ax.plot(*zip(*pts), ":", marker="o", ms=3, color=line.get_color(), label=f"{task} (validation)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Loss per task (dashed: learning rate)")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss per task: training (solid), validation (dotted); dashed: learning rate" if eval_losses
+                 else "Loss per task (dashed: learning rate)", fontsize=10)
     ax.legend(loc="upper right")
     lr_ax = ax.twinx()
     lr_ax.plot(steps, [r["lr"] for r in records], "k--", lw=0.8)

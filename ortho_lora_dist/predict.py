@@ -1,8 +1,12 @@
 """``ortho-lora predict``: JSONL records -> JSONL predictions, with a saved adapter directory alone.
 
-Input: one JSON object per line, ``{"task": NAME, "text": ..., "text_pair": ... (pair tasks), "id": ... (optional)}``.
+Input: one JSON object per line, ``{"task": NAME, "text": ..., "text_pair": ... (pair tasks), "id": ... (optional)}``;
+for a task of format alpaca ``"instruction"`` (+ ``"input"``) instead of ``text``, for format chat ``"messages"``
+(the conversation so far, ``[{"role", "content"}, ...]``, rendered with the tokenizer's chat template).
 Output: one line per input record, in input order, ``{"task", "prediction"}`` (+ ``id`` when given): the label
-for classification, a number for regression, the text for generation; ``null`` for a non-finite model output.
+for classification, a number for regression; for generation the extracted, normalised answer (the task's
+``answer_regex`` / ``extract`` / ``normalize``, as scored in evaluation) and the whole generated text under
+``output``; ``null`` for a non-finite model output. Generation is batched (left padding, greedy).
 Every record is checked before the model loads; records are batched per task; the output file appears only
 complete (written to a temporary file, then renamed).
 """
@@ -34,6 +38,23 @@ def _record(row, where: str, tasks: dict[str, dict]) -> dict:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(f"{where}: unknown task {name!r}{hint}; this adapter's tasks: {', '.join(tasks)}")
     task = tasks[name]
+    fmt = task.get("format") or "text"
+    if fmt != "text":  # alpaca: instruction (+ input); chat: the conversation so far, [{role, content}, ...]
+        rec = {"task": name, "label": PLACEHOLDER_LABEL[task["type"]]}
+        if fmt == "chat":
+            from .data import check_messages
+
+            rec["messages"] = check_messages(row.get("messages"), where, "messages", name, answer=False)
+        else:
+            for key in ("instruction", "input"):
+                value = row.get(key)
+                if (value is None and key == "instruction") or (value is not None and not isinstance(value, str)):
+                    problem = "is missing" if value is None else f"must be a string, got {type(value).__name__}"
+                    raise DataError(f"{where}: field {key!r} {problem} (task {name!r})")
+            rec.update(instruction=row["instruction"], input=row.get("input") or "")
+        if row.get("id") is not None:
+            rec["id"] = row["id"]
+        return rec
     for key in ("text", "text_pair") if task.get("text_pair") else ("text",):
         if not isinstance(row.get(key), str):
             problem = "is missing" if row.get(key) is None else f"must be a string, got {type(row[key]).__name__}"
@@ -65,8 +86,9 @@ def _value(pred, task: dict):
     return str(pred)
 
 
-def run_predictions(adapter_dir: Path, records: list[dict], batch_size: int = 32, base: str | None = None) -> list:
-    """One prediction per record (input order), batched per task."""
+def run_predictions(adapter_dir: Path, records: list[dict], batch_size: int = 32, base: str | None = None,
+                    texts: list | None = None) -> list:
+    """One prediction per record (input order), batched per task; ``texts``: filled with the generated texts."""
     from .evaluate import _to
     from .progress import progress
 
@@ -83,8 +105,14 @@ def run_predictions(adapter_dir: Path, records: list[dict], batch_size: int = 32
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo : lo + batch_size]
             batch = _to(model.collate([records[i] for i in chunk], [index[name]] * len(chunk)), device)
-            for i, p in zip(chunk, model.predict(batch)):
-                preds[i] = _value(p, meta[name])
+            if meta[name]["type"] == "generation":
+                for i, (p, text) in zip(chunk, model.predict(batch, return_text=True)):
+                    preds[i] = _value(p, meta[name])
+                    if texts is not None:
+                        texts[i] = text
+            else:
+                for i, p in zip(chunk, model.predict(batch)):
+                    preds[i] = _value(p, meta[name])
             bar.update(len(chunk))
     bar.close()
     return preds
@@ -101,13 +129,16 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
     records = read_records(src, meta)
-    preds = run_predictions(adapter_dir, records, batch_size, base) if records else []
+    texts: list = [None] * len(records)
+    preds = run_predictions(adapter_dir, records, batch_size, base, texts) if records else []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for r, p in zip(records, preds):
+            for r, p, text in zip(records, preds, texts):
                 row = {**({"id": r["id"]} if "id" in r else {}), "task": r["task"], "prediction": p}
+                if text is not None:
+                    row["output"] = text
                 f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
         tmp.replace(out)
     except BaseException:

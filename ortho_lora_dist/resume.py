@@ -2,9 +2,10 @@
 
 Changeable on resume (they do not alter what the finished steps computed):
   train.steps / train.epochs (extend or shorten the run), train.log_every, train.eval_every,
-  train.checkpoint_every, train.keep_checkpoints, train.plots, train.max_consecutive_skips,
+  train.checkpoint_every, train.keep_checkpoints, train.plots, train.report_to, train.max_consecutive_skips,
+  train.bucket_mb (groups the same sums into other collectives),
   train.per_task_batch_size together with the number of ranks when the global batch
-  (ranks x per_task_batch_size) stays the same, tasks.N.max_eval_samples, output_dir,
+  (ranks x per_task_batch_size) stays the same (task_sampling equal only), tasks.N.max_eval_samples, output_dir,
   distributed.backend.
 Everything else (model, LoRA, tasks and their order, data, strategy, lr, schedule, seed, engine, ...)
 must be equal: a difference is refused with one error listing every differing key and both values.
@@ -19,6 +20,7 @@ MUTABLE = (
     r"train\.steps", r"train\.epochs", r"train\.log_every", r"train\.eval_every", r"train\.checkpoint_every",
     r"train\.keep_checkpoints", r"train\.plots", r"train\.max_consecutive_skips", r"train\.per_task_batch_size",
     r"tasks\.\d+\.max_eval_samples", r"output_dir", r"distributed\.backend",
+    r"train\.report_to(?:\.\d+)?", r"train\.bucket_mb",
 )
 _MUTABLE = re.compile("|".join(f"(?:{m})" for m in MUTABLE))
 
@@ -42,8 +44,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def with_defaults(saved: dict) -> dict:
+    """The checkpoint's config as this version reads it: keys added since it was written take their defaults."""
+    from .config import Config
+
+    try:
+        return Config.model_validate(saved).model_dump()
+    except ValueError:  # a key this version no longer knows: compare as saved (the difference is then listed)
+        return saved
+
+
 def check_resume(saved: dict, current: dict, saved_world: int, world: int, where: str) -> None:
     """Raise ResumeMismatch listing every key (besides the changeable ones) whose value differs."""
+    saved = with_defaults(saved)
     old_names = [t["name"] for t in saved.get("tasks", [])]
     new_names = [t["name"] for t in current.get("tasks", [])]
     if old_names != new_names:
@@ -63,6 +76,13 @@ def check_resume(saved: dict, current: dict, saved_world: int, world: int, where
             f"--resume: the config differs from the one the checkpoint {where} was trained with:\n" + "\n".join(diffs)
             + "\nput those keys back (only steps/epochs, logging, eval and checkpoint frequency may change), "
             "or start a new output_dir"
+        )
+    sampling = current["train"].get("task_sampling", "equal")
+    if sampling != "equal" and saved_world != world:
+        raise ResumeMismatch(
+            f"--resume: {where} was trained on {saved_world} ranks with train.task_sampling {sampling!r}, whose "
+            f"per-micro-batch task shares are drawn per rank (per_task_batch_size x tasks samples): resume it on "
+            f"{saved_world} ranks (its adapter/ folder can seed a new run on any number of ranks)"
         )
     old_batch = saved["train"]["per_task_batch_size"] * saved_world
     new_batch = current["train"]["per_task_batch_size"] * world

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .batching import MultiTaskSampler
 from .config import Config
 from .data import load_tasks
-from .evaluate import _to, evaluate
+from .evaluate import EvalResult, _to, run_eval
 from .fsutil import atomic_write_text, replace_dir
 from .leverage import leverage, pair_cosines
 from .modeling import DTYPES, build_model, load_tokenizer
@@ -96,7 +96,11 @@ class Trainer:
                 head.to(self.info.device)
         if tc.gradient_checkpointing:
             peft = self.model.peft_model
-            peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            base = peft.get_base_model()
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             peft.enable_input_require_grads()
         self.model.train()
         if cfg.distributed.engine == "fsdp" and self.info.world > 1:
@@ -110,9 +114,11 @@ class Trainer:
             self.model, len(self.tasks), strategy=tc.strategy, strategy_options=options,
             granularity=tc.granularity, seed=tc.seed,
             mode=tc.mode, task_params=self.model.task_params(), comm=self.info.comm, reduce=reduce,
+            bucket_mb=tc.bucket_mb, buffer_dtype=tc.buffer_dtype,
         )
         self.sampler = MultiTaskSampler(
-            [len(t.splits["train"]) for t in self.tasks], tc.per_task_batch_size, tc.seed, self.info.rank, self.info.world
+            [len(t.splits["train"]) for t in self.tasks], tc.per_task_batch_size, tc.seed, self.info.rank, self.info.world,
+            mode=getattr(tc, "task_sampling", "equal"), temperature=getattr(tc, "temperature", 2.0),
         )
         self.total_steps = tc.steps or math.ceil(tc.epochs * self.sampler.steps_per_epoch(tc.gradient_accumulation))
         self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, tc.per_task_batch_size * len(self.tasks))
@@ -228,7 +234,8 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
                 (self.out / "finished.json").unlink(missing_ok=True)  # a resumed run with more steps is not finished
-            self.telemetry = Telemetry(self.out, self.names, self.info.main, resume_step=self.step if self.resumed_from else None)
+            self.telemetry = Telemetry(self.out, self.names, self.info.main, resume_step=self.step if self.resumed_from else None,
+                                       report_to=self.cfg.train.report_to, config=self.cfg.model_dump())
             if self.info.main:  # what the conflict map's rows and columns are
                 layout = self.olr.layout
                 pairs = [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
@@ -278,8 +285,9 @@ class Trainer:
         bar.close()
         return self.finish()
 
-    def _evaluate(self, split: str, stop=None) -> dict:
-        return evaluate(self.model, self.tasks, split, self.info, self.cfg.train.per_task_batch_size, should_stop=stop)
+    def _evaluate(self, split: str, stop=None) -> EvalResult | None:
+        """Metrics (rank 0) and per-task loss / perplexity (all-reduced) on ``split``; None when stopped."""
+        return run_eval(self.model, self.tasks, split, self.info, self.cfg.train.per_task_batch_size, should_stop=stop)
 
     def _reduced_losses(self, losses: torch.Tensor) -> torch.Tensor:
         if self.info.world > 1:
@@ -315,9 +323,15 @@ class Trainer:
             blocks["cos_pairs"] = [[round(x, 3) for x in row] for row in pair_cosines(result.grams).tolist()]
         self.telemetry.log(record, blocks)
 
-    def _log_eval(self, results: dict) -> None:
-        if self.info.main and results and self.telemetry is not None:
-            self.telemetry.log({"step": self.step, "eval": results})
+    def _log_eval(self, result: EvalResult | None) -> None:
+        """metrics.jsonl / TensorBoard: ``eval`` (metrics), ``eval_loss`` and ``eval_ppl`` (causal LM), per task."""
+        if not self.info.main or result is None or self.telemetry is None or not (result.metrics or result.loss):
+            return
+        record: dict = {"step": self.step, "eval": result.metrics}
+        for key, values in (("eval_loss", result.loss), ("eval_ppl", result.perplexity)):
+            if values:
+                record[key] = {k: None if v is None else round(v, 6) for k, v in values.items()}
+        self.telemetry.log(record)
 
     # -- end of run ----------------------------------------------------------------------------------------------
     def _weights_finite(self) -> bool:
@@ -339,20 +353,25 @@ class Trainer:
         self.save_adapter(self.out, atomic=True)
         if self.info.main:
             log.warning("trained %d steps (%d skipped); adapter saved to %s", self.step, self.skipped_total, self.out / "adapter")
-        results = {}
+        full: dict[str, EvalResult] = {}
         for split in ("validation", "test"):
-            results[split] = self._evaluate(split, stop=self._agree_stop)
-            if results[split] is None:  # a stop signal during evaluation
+            evaluated = self._evaluate(split, stop=self._agree_stop)
+            if evaluated is None:  # a stop signal during evaluation
                 if self.info.main:
                     log.warning("received %s during the final evaluation: adapter and checkpoint are saved; "
                                 "--resume redoes the evaluation", self._stop or "a stop signal")
                 return {"interrupted": True, "step": self.step}
-        results = {k: v for k, v in results.items() if v}
+            full[split] = evaluated
+        results = {k: v.metrics for k, v in full.items() if v.metrics}
+        losses = {k: {"loss": v.loss, "perplexity": v.perplexity} for k, v in full.items() if v.loss}
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if self.info.main:
-            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **results}, indent=1))
+            extra = {"loss": {k: v["loss"] for k, v in losses.items()}} if losses else {}
+            if any(v["perplexity"] for v in losses.values()):
+                extra["perplexity"] = {k: v["perplexity"] for k, v in losses.items()}
+            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **results, **extra}, indent=1))
             self.write_model_card(results)
-            self._log_eval(results.get("validation", {}))
+            self._log_eval(full.get("validation"))
             print_table(results, self.tasks)
             if tc.plots:
                 from .plots import plot_run

@@ -26,3 +26,12 @@ def bert_dir(tmp_path_factory):
     from tests.models import save_tiny_bert
 
     return save_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny BERT + Llama (real word tokenizers) and two small tasks, for end-to-end application tests."""
+    from tests.models import save_app_models, write_app_tasks
+
+    root = tmp_path_factory.mktemp("app")
+    return {"models": save_app_models(root / "models"), "data": write_app_tasks(root / "data"), "root": root}

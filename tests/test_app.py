@@ -19,15 +19,8 @@ from safetensors.torch import load_file
 from ortho_lora_dist.cli import main as cli
 from ortho_lora_dist.config import ConfigError, TaskConfig, load_config
 from ortho_lora_dist.data import DataError, load_task
-from tests.models import save_app_models, write_app_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app")
-    return {"models": save_app_models(root / "models"), "data": write_app_tasks(root / "data"), "root": root}
 
 
 def make_config(env, out, kind="encoder-classification", **train):

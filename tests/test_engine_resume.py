@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_app import env, make_config  # noqa: F401  (module fixture)
+from tests.test_app import make_config
 from tests.test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ortho_lora_dist.cli import main as cli
 from ortho_lora_dist.config import ConfigError, load_config
-from tests.test_app import _run, env, make_config  # noqa: F401  (module fixture)
+from tests.test_app import _run, make_config
 
 
 def _wait_for(proc, text: str, timeout: float = 180) -> str:
@@ -324,3 +324,18 @@ def test_very_long_texts_are_cut_before_tokenizing(env, tmp_path):  # noqa: F811
     batch = t.model.collate([{"text": huge, "label": 0}] * 3, [0, 0, 0])
     assert time.perf_counter() - t0 < 2.0
     assert batch["input_ids"].shape[1] == cfg.model.max_length
+
+
+def test_resume_accepts_a_checkpoint_written_before_new_keys_existed():
+    """A key added in a later version takes its default when the older checkpoint config is compared."""
+    from ortho_lora_dist.config import validate_config
+    from ortho_lora_dist.resume import ResumeMismatch, check_resume
+
+    tree = {"model": {"name_or_path": "m"}, "tasks": [{"name": "a", "files": {"train": "a.jsonl"}}]}
+    current = validate_config(tree).model_dump()
+    saved = json.loads(json.dumps(current))
+    del saved["train"]["max_consecutive_skips"], saved["tasks"][0]["loss_weight"]  # as if written before they existed
+    check_resume(saved, current, 1, 1, "ckpt")
+    saved["train"]["lr"] = 1.0
+    with pytest.raises(ResumeMismatch, match="train.lr"):
+        check_resume(saved, current, 1, 1, "ckpt")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from ortho_lora_dist.cli import main as cli
-from tests.test_app import env, make_config  # noqa: F401  (module fixture)
+from tests.test_app import make_config
 
 
 def cfg_with(env, tmp_path, engine):  # noqa: F811
@@ -56,3 +57,36 @@ def test_accelerate_command(env, tmp_path, capsys):  # noqa: F811
     assert cli(["launch", str(path), "--launcher", "accelerate", "--nproc-per-node", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "accelerate launch --num_machines=1 --num_processes=2 --machine_rank=0" in out and "--multi_gpu" in out
+
+
+@pytest.mark.slow
+def test_accelerate_launch_end_to_end(env, tmp_path):  # noqa: F811
+    """`ortho-lora launch --launcher accelerate`: 2 CPU processes (gloo) train, checkpoint and evaluate."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_distributed import free_port
+
+    if not (Path(sys.executable).parent / "accelerate").exists():
+        pytest.skip("accelerate's launcher is not installed")
+    root = Path(__file__).resolve().parents[1]
+    path = make_config(env, tmp_path / "run", steps=2, plots=False)
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "ortho_lora_dist.cli", "launch", str(path), "--launcher", "accelerate",
+           "--nproc-per-node", "2", "--master-port", str(free_port())]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: {' '.join(cmd)}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "accelerate launch --num_machines=1 --num_processes=2" in proc.stdout
+    assert "were not passed to `accelerate launch`" not in out
+    run = tmp_path / "run"
+    assert (run / "finished.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert sorted(p.name for p in (run / "checkpoints" / "step-2").glob("rng*.safetensors")) == ["rng0.safetensors", "rng1.safetensors"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from ortho_lora_dist.cli import main as cli
 from ortho_lora_dist.config import load_config
 from ortho_lora_dist.metrics import compute
-from tests.test_app import env, make_config  # noqa: F401  (env: a fixture)
+from tests.test_app import make_config
 
 PKG_BERT = "pkg://olr_tiny_models/bert"  # the tiny BERT inside an importable package, as configs/demo.yaml does
 

@@ -25,6 +25,10 @@ def load_ds_config(
 ) -> dict:
     """Read a ds_configs/*.json, refuse ZeRO-3, and fill "auto" values from the training config."""
     path = Path(path)
+    if not path.exists() and not path.is_absolute():  # a Config built without load_config: the shipped copy
+        from ..packaged import packaged_file
+
+        path = packaged_file(path) or path
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
