@@ -95,6 +95,9 @@ def wait_done(env, job: str, log: Path, timeout: float = 300) -> str:
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
         if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime":
+            # not within the second of the requeue: slurmd refuses a credential issued then ("Job credential
+            # revoked") and the job ends FAILED (real clusters wait SLURM's own begin-time delay instead)
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=env)
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env)
