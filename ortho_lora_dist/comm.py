@@ -68,6 +68,9 @@ class DistComm:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: launch with torchrun or deepspeed")
         self.dist, self.group = dist, group
+        # torch >= 2.13 deprecates the *_tensor names (a FutureWarning on every rank) for *_single
+        self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.sent_bytes: dict[str, int] = {}  # bytes each rank sends, per collective (ring algorithms)
@@ -83,7 +86,7 @@ class DistComm:
             raise ValueError(f"buffer has {buffer.shape[0]} regions for {self.world_size} ranks")
         self._count("reduce_task_grads", buffer.numel() * buffer.element_size(), 1)
         out = torch.empty(buffer[0].numel(), dtype=buffer.dtype, device=buffer.device)
-        self.dist.reduce_scatter_tensor(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
+        self._reduce_scatter(out, buffer.reshape(-1), op=self.dist.ReduceOp.SUM, group=self.group)
         return out.div_(self.world_size)
 
     def reduce_region(self, region: torch.Tensor, owner: int, async_op: bool = False):
@@ -98,7 +101,7 @@ class DistComm:
     def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
         self._count("all_gather_combined", self.world_size * combined.numel() * combined.element_size(), 1)
         out = torch.empty(self.world_size * combined.numel(), dtype=combined.dtype, device=combined.device)
-        self.dist.all_gather_into_tensor(out, combined.contiguous(), group=self.group)
+        self._all_gather(out, combined.contiguous(), group=self.group)
         return out.view(self.world_size, -1)
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:

@@ -94,7 +94,10 @@ def test_eval_command_leaves_the_run_untouched(env, tmp_path):  # noqa: F811
     assert set(after) - set(before) == {"eval-cli.json"}
     assert all(after[k] == v for k, v in before.items()), "training outputs were modified"
     ev = json.loads((out / "eval-cli.json").read_text())
-    assert ev["validation"] == pytest.approx(json.loads((out / "eval.json").read_text())["validation"])
+    run_eval = json.loads((out / "eval.json").read_text())
+    assert ev["validation"] == pytest.approx(run_eval["validation"])
+    for split in ("validation", "test"):  # the same per-task losses as the run's final evaluation
+        assert ev["loss"][split] == pytest.approx(run_eval["loss"][split])
     assert cli(["eval", str(path), "--adapter", str(out), "--output", str(out / "eval.json")]) == 2
 
 
