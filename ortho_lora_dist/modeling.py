@@ -254,12 +254,24 @@ class EncoderMultiTask(nn.Module):
         return {**enc, "task_ids": torch.tensor(task_ids), "labels": torch.tensor([float(r["label"]) for r in records])}
 
     def _pooled(self, batch: dict) -> torch.Tensor:
+        """Pooled encoder output. Without grad (evaluation), the last batch's is reused: predict and
+        task_loss_sums on the same batch cost one forward (every rank makes the same calls, as FSDP needs)."""
+        cached = self.__dict__.get("_pool_cache")
+        if not torch.is_grad_enabled() and cached is not None and cached[0] is batch["input_ids"]:
+            return cached[1]
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         h = self.encoder(**inputs).last_hidden_state
         if self.pooling == "cls":
-            return h[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+            pooled = h[:, 0]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+        self.__dict__["_pool_cache"] = None if torch.is_grad_enabled() else (batch["input_ids"], pooled)
+        return pooled
+
+    def train(self, mode: bool = True):
+        self.__dict__["_pool_cache"] = None  # weights may change from here on
+        return super().train(mode)
 
     def _per_task(self, pooled: torch.Tensor, task_ids: torch.Tensor):
         for t, head in enumerate(self.heads):
