@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .comm import Comm, LocalComm
-from .layout import Bucket, Layout, plan_buckets
+from .layout import Bucket, Layout, factor_rows, plan_buckets
 
 POLICIES = ("step", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -87,8 +87,7 @@ class TaskGradBuffer:
     def _rows(self, flat: torch.Tensor, index: int, base: int = 0) -> torch.Tensor:
         """[T, *weight.shape] view of factor ``index`` in ``flat`` (a region, or a bucket starting at column base)."""
         f = self.layout.factors[index]
-        T = self.num_tasks
-        return flat[T * f.offset - base : T * (f.offset + f.numel) - base].view(T, *f.param.shape)
+        return factor_rows(flat, f, self.num_tasks, base).view(self.num_tasks, *f.param.shape)
 
     def _reset_buckets(self) -> None:
         for k, flat in self._live.items():  # buckets of an interrupted backward

@@ -35,7 +35,7 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .evaluate import run_eval
+    from .evaluate import eval_report, run_eval
     from .fsutil import atomic_write_text
     from .trainer import Trainer, print_table
 
@@ -48,14 +48,11 @@ def _eval(args) -> int:
     trainer.load_adapter(adapter)
     full = {s: run_eval(trainer.model, trainer.tasks, s, trainer.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
     results = {k: v.metrics for k, v in full.items() if v.metrics}
-    extra = {"loss": {k: v.loss for k, v in full.items() if v.loss}}  # the layout of the run's eval.json
-    if any(v.perplexity for v in full.values()):
-        extra["perplexity"] = {k: v.perplexity for k, v in full.items() if v.perplexity}
     if trainer.info.main:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
         if out.resolve() in {(adapter.parent / n).resolve() for n in ("eval.json", "metrics.jsonl", "conflicts.jsonl", "config.yaml", "finished.json")}:
             raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
-        atomic_write_text(out, json.dumps({"adapter": str(adapter), **results, **extra}, indent=1))
+        atomic_write_text(out, json.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1))  # eval.json's layout
         print_table(results, trainer.tasks)
         print(f"written: {out}")
     return 0

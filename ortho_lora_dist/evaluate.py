@@ -36,6 +36,16 @@ class EvalResult:
     perplexity: dict = field(default_factory=dict)
 
 
+def eval_report(full: dict[str, EvalResult]) -> dict:
+    """eval.json's layout: {split: {task: metric}}, plus "loss" and "perplexity" {split: {task: value}} when computed."""
+    out: dict = {k: v.metrics for k, v in full.items() if v.metrics}
+    for key in ("loss", "perplexity"):
+        values = {k: getattr(v, key) for k, v in full.items() if getattr(v, key)}
+        if values:
+            out[key] = values
+    return out
+
+
 def shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:
     """(this rank's record indices, the same padded to ceil(n / world) entries): equal forward calls on every rank."""
     share = math.ceil(n / world)

@@ -83,9 +83,11 @@ class Layout:
         return ["".join(sorted(k)) for k in kinds]
 
 
-def factor_rows(region: torch.Tensor, f: LoraFactor, num_tasks: int) -> torch.Tensor:
-    """[T, numel] contiguous view of factor f's per-task gradients inside a flat [T * n] region."""
-    return region[num_tasks * f.offset : num_tasks * (f.offset + f.numel)].view(num_tasks, f.numel)
+def factor_rows(region: torch.Tensor, f: LoraFactor, num_tasks: int, base: int = 0) -> torch.Tensor:
+    """[T, numel] contiguous view of factor f's per-task gradients inside a flat [T * n] region (or a slice of
+    it starting at column ``base``, e.g. a reduce bucket)."""
+    lo = num_tasks * f.offset - base
+    return region[lo : lo + num_tasks * f.numel].view(num_tasks, f.numel)
 
 
 def _split(sizes: list[int], parts: int) -> list[int]:

@@ -381,9 +381,7 @@ class CausalLMMultiTask(nn.Module):
         cfg = self.tasks[task].config
         fmt = getattr(cfg, "format", "text")
         if fmt == "chat":
-            text = self._render(task, r["messages"], add_generation_prompt=True)
-            bos = self.tokenizer.bos_token
-            return text[len(bos):] if self._adds_bos() and bos and text.startswith(bos) else text
+            return self._without_bos(self._render(task, r["messages"], add_generation_prompt=True))
         if fmt == "alpaca":
             from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
@@ -391,16 +389,22 @@ class CausalLMMultiTask(nn.Module):
             return template.format(instruction=r["instruction"], input=r.get("input", ""))
         return cfg.prompt.format(text=r["text"], text_pair=r.get("text_pair", ""))
 
+    def _without_bos(self, text: str) -> str:
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if self._adds_bos() and bos and text.startswith(bos) else text
+
     def _answer(self, task: int, label) -> str:
         t = self.tasks[task]
         return t.config.label_words[t.labels[label]] if t.config.type == "classification" else str(label)
 
-    def _target(self, task: int, r: dict) -> tuple[str, bool]:
+    def _target(self, task: int, r: dict, prompt: str | None = None) -> tuple[str, bool]:
         """(answer text to train on, whether EOS follows it). Chat: what the template writes after the prompt for
-        the answer turn (content plus the template's end-of-turn tokens), when rendering extends the prompt."""
+        the answer turn (content plus the template's end-of-turn tokens), when rendering extends the prompt.
+        ``prompt``: the chat template's rendering of the turns before the answer, if already made."""
         answer = self._answer(task, r["label"])
         if getattr(self.tasks[task].config, "format", "text") == "chat":
-            prompt = self._render(task, r["messages"], add_generation_prompt=True)
+            if prompt is None:
+                prompt = self._render(task, r["messages"], add_generation_prompt=True)
             full = self._render(task, [*r["messages"], {"role": "assistant", "content": answer}], add_generation_prompt=False)
             if full.startswith(prompt) and answer in full[len(prompt):]:
                 return full[len(prompt):], False
@@ -427,8 +431,11 @@ class CausalLMMultiTask(nn.Module):
         }
 
     def collate(self, records: list[dict], task_ids: list[int]) -> dict:
-        targets = [self._target(t, r) for t, r in zip(task_ids, records)]
-        enc = self._encode([self._prompt(t, r) for t, r in zip(task_ids, records)], [a for a, _ in targets],
+        chat = [getattr(self.tasks[t].config, "format", "text") == "chat" for t in task_ids]
+        rendered = [self._render(t, r["messages"], True) if c else None for t, r, c in zip(task_ids, records, chat)]
+        prompts = [self._without_bos(p) if p is not None else self._prompt(t, r) for t, r, p in zip(task_ids, records, rendered)]
+        targets = [self._target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]  # each prompt rendered once
+        enc = self._encode(prompts, [a for a, _ in targets],
                            [e for _, e in targets], [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids])
         return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
 

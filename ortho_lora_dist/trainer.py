@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .batching import MultiTaskSampler
 from .config import Config
 from .data import load_tasks
-from .evaluate import EvalResult, _to, run_eval
+from .evaluate import EvalResult, _to, eval_report, run_eval
 from .fsutil import atomic_write_text, replace_dir
 from .leverage import leverage, pair_cosines
 from .modeling import DTYPES, build_model, load_tokenizer
@@ -118,7 +118,7 @@ class Trainer:
         )
         self.sampler = MultiTaskSampler(
             [len(t.splits["train"]) for t in self.tasks], tc.per_task_batch_size, tc.seed, self.info.rank, self.info.world,
-            mode=getattr(tc, "task_sampling", "equal"), temperature=getattr(tc, "temperature", 2.0),
+            mode=tc.task_sampling, temperature=tc.temperature,
         )
         self.total_steps = tc.steps or math.ceil(tc.epochs * self.sampler.steps_per_epoch(tc.gradient_accumulation))
         self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, tc.per_task_batch_size * len(self.tasks))
@@ -363,13 +363,9 @@ class Trainer:
                 return {"interrupted": True, "step": self.step}
             full[split] = evaluated
         results = {k: v.metrics for k, v in full.items() if v.metrics}
-        losses = {k: {"loss": v.loss, "perplexity": v.perplexity} for k, v in full.items() if v.loss}
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if self.info.main:
-            extra = {"loss": {k: v["loss"] for k, v in losses.items()}} if losses else {}
-            if any(v["perplexity"] for v in losses.values()):
-                extra["perplexity"] = {k: v["perplexity"] for k, v in losses.items()}
-            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **results, **extra}, indent=1))
+            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **eval_report(full)}, indent=1))
             self.write_model_card(results)
             self._log_eval(full.get("validation"))
             print_table(results, self.tasks)
