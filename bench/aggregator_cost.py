@@ -20,8 +20,8 @@ import warnings
 
 import torch
 
-from ortho_lora_dist.aggregators import STRATEGIES, make_strategy
-from ortho_lora_dist.projection import gram, gram_fp64
+from ortho_lora_dist.core.gram import gram, gram_fp64
+from ortho_lora_dist.core.strategies import STRATEGIES, make_strategy
 
 LAYERS, HIDDEN, INTER, RANK = 32, 4096, 11008, 16
 BLOCKS = {"factor": 2 * 7 * LAYERS, "module": 7 * LAYERS, "global": 1}
@@ -42,7 +42,7 @@ def random_grams(B: int, T: int, k: int = 32, seed: int = 0) -> torch.Tensor:
 def time_call(strategy, grams: torch.Tensor, reps: int) -> float:
     """Median seconds of ``reps`` calls (after any warm-up done by the caller)."""
     times = []
-    for r in range(reps):
+    for _ in range(reps):
         t = time.perf_counter()
         strategy.weights(grams, list(range(grams.shape[-1])))
         times.append(time.perf_counter() - t)
@@ -78,7 +78,9 @@ def gram_cost(T: int) -> str:
         for r in rows:
             fn(r)
         out.append(f"{name} {1e3 * (time.perf_counter() - t):.0f} ms")
-    return f"Gram formation (CPU), T={T}, {sum(sizes) / 1e6:.1f}M LoRA parameters, {len(sizes)} factors: " + ", ".join(out)
+    return f"Gram formation (CPU), T={T}, {sum(sizes) / 1e6:.1f}M LoRA parameters, {len(sizes)} factors: " + ", ".join(
+        out
+    )
 
 
 def main() -> None:
@@ -89,9 +91,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed calls per combination (at most)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per combination (about)")
     p.add_argument("--subset", type=int, default=8, help="blocks of the first estimate")
-    p.add_argument("--extrapolate-above", type=float, default=10.0, help="s/step above which the subset estimate is reported")
+    p.add_argument(
+        "--extrapolate-above", type=float, default=10.0, help="s/step above which the subset estimate is reported"
+    )
     p.add_argument("--impractical-ms", type=float, default=100.0)
-    p.add_argument("--gram", action="store_true", help="also time forming the Grams (fp32 / gram() / fp64) at the 7B shape")
+    p.add_argument(
+        "--gram", action="store_true", help="also time forming the Grams (fp32 / gram() / fp64) at the 7B shape"
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
     start = time.perf_counter()
@@ -103,9 +109,12 @@ def main() -> None:
             ms = 1e3 * sec
             mark = " **x**" if ms > args.impractical_ms else ""
             cells[m].append(f"{ms:,.1f}{mark}" if not note else f"~{ms:,.0f}{mark}")
-    print(f"ms per optimizer step for the weights of B blocks (Llama-2-7B, r=16, all linear; CPU, torch threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} cores). **x**: over {args.impractical_ms:.0f} ms/step (impractical); "
-          f"~: extrapolated from {args.subset} blocks (estimate over {args.extrapolate_above:.0f} s/step).\n")
+    print(
+        f"ms per optimizer step for the weights of B blocks (Llama-2-7B, r=16, all linear; CPU, torch threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} cores). "
+        f"**x**: over {args.impractical_ms:.0f} ms/step (impractical); "
+        f"~: extrapolated from {args.subset} blocks (estimate over {args.extrapolate_above:.0f} s/step).\n"
+    )
     print("| method | " + " | ".join(f"T={T} {g} (B={BLOCKS[g]})" for T, g in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for m in args.methods:

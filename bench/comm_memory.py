@@ -48,11 +48,19 @@ def formulas(P: int, B: int, T: int, N: int, largest: int, policy: str, engine: 
 
 def row(P, T, N, B, policy, engine, joint_sent, ortho_sent, extra_bytes, **more) -> dict:
     return {
-        "P": P, "T": T, "N": N, "blocks": B, "reduce": policy, "engine": engine,
-        "joint_sent_MB": round(joint_sent / 2**20, 3), "ortho_sent_MB": round(ortho_sent / 2**20, 3),
+        "P": P,
+        "T": T,
+        "N": N,
+        "blocks": B,
+        "reduce": policy,
+        "engine": engine,
+        "joint_sent_MB": round(joint_sent / 2**20, 3),
+        "ortho_sent_MB": round(ortho_sent / 2**20, 3),
         "sent_ratio": round(ortho_sent / joint_sent, 2),
-        "extra_MB": round(extra_bytes / 2**20, 2), "extra_floats_over_P": round(extra_bytes / 4 / P, 3),
-        "goal_floats_over_P": round(T / N + 1, 3), **more,
+        "extra_MB": round(extra_bytes / 2**20, 2),
+        "extra_floats_over_P": round(extra_bytes / 4 / P, 3),
+        "goal_floats_over_P": round(T / N + 1, 3),
+        **more,
     }
 
 
@@ -60,14 +68,16 @@ def buckets_7b(T: int, N: int, bucket_mb: float = 25.0, **shape) -> list[int]:
     """Values per eager bucket (layout.plan_buckets) of the Llama-2-7B adapter, built on the meta device."""
     from torch import nn
 
-    from ortho_lora_dist.layout import build_layout, plan_buckets
+    from ortho_lora_dist.core.layout import build_layout, plan_buckets
 
     shape = {**LLAMA2_7B, **shape}
     h, i, r = shape["hidden"], shape["inter"], shape["r"]
     mods = [(h, h)] * 4 + [(h, i)] * 2 + [(i, h)]
     lins = [
-        (f"layers.{l}.m{m}", fac, nn.Linear(*((d_in, r) if fac == "A" else (r, d_out)), bias=False, device="meta"))
-        for l in range(shape["layers"]) for m, (d_in, d_out) in enumerate(mods) for fac in "AB"
+        (f"layers.{layer}.m{m}", fac, nn.Linear(*((d_in, r) if fac == "A" else (r, d_out)), bias=False, device="meta"))
+        for layer in range(shape["layers"])
+        for m, (d_in, d_out) in enumerate(mods)
+        for fac in "AB"
     ]
     layout = build_layout(lins, "factor", N)
     return [b.size for b in plan_buckets(layout, T, int(bucket_mb * 2**20) // 4)]
@@ -79,12 +89,21 @@ def eager_collectives(T_values, N_values=(2, 8, 64)) -> None:
     for N in N_values:
         for T in T_values:
             b = buckets_7b(T, N)
-            print(json.dumps({
-                "computed": "llama2-7b r=16 all linear", "P": sum(sizes), "T": T, "N": N,
-                "collectives_per_micro_batch_before": len(sizes), "collectives_per_micro_batch_after": len(b),
-                "largest_bucket_MB": round(max(b) * 4 / 2**20, 2), "region_MB": round(T * sum(sizes) * 4 / N / 2**20, 1),
-                "sent_MB_per_micro_batch": round((N - 1) / N * T * sum(sizes) * 4 / 2**20, 1),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "computed": "llama2-7b r=16 all linear",
+                        "P": sum(sizes),
+                        "T": T,
+                        "N": N,
+                        "collectives_per_micro_batch_before": len(sizes),
+                        "collectives_per_micro_batch_after": len(b),
+                        "largest_bucket_MB": round(max(b) * 4 / 2**20, 2),
+                        "region_MB": round(T * sum(sizes) * 4 / N / 2**20, 1),
+                        "sent_MB_per_micro_batch": round((N - 1) / N * T * sum(sizes) * 4 / 2**20, 1),
+                    }
+                )
+            )
 
 
 def measure(T_values) -> None:
@@ -93,7 +112,7 @@ def measure(T_values) -> None:
 
     from bench.step_time import build, task_losses
     from ortho_lora_dist import OrthoLoRA
-    from ortho_lora_dist.comm import DistComm
+    from ortho_lora_dist.core.comm import DistComm
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -111,12 +130,31 @@ def measure(T_values) -> None:
             olr.write_grads(result)
             P, N = olr.layout.numel, comm.world_size
             region = T * olr.layout.region_size * 4 if policy == "step" else 0  # reduce-scatter output
-            extra = olr.grads.peak_bytes + region + result.combined.nbytes + N * result.combined.nbytes + result.grams.nbytes - P * 4
+            extra = (
+                olr.grads.peak_bytes
+                + region
+                + result.combined.nbytes
+                + N * result.combined.nbytes
+                + result.grams.nbytes
+                - P * 4
+            )
             sent = sum(comm.sent_bytes.values())
-            out = row(P, T, N, olr.layout.num_blocks, policy, "torch", 2 * (N - 1) / N * P * 4, sent, extra, measured=True,
-                      per_collective_MB={k: round(v / 2**20, 3) for k, v in comm.sent_bytes.items()},
-                      collectives_per_micro_batch=sum(per_micro.values()), lora_factors=len(olr.layout.factors),
-                      collectives_per_step=dict(comm.calls))
+            out = row(
+                P,
+                T,
+                N,
+                olr.layout.num_blocks,
+                policy,
+                "torch",
+                2 * (N - 1) / N * P * 4,
+                sent,
+                extra,
+                measured=True,
+                per_collective_MB={k: round(v / 2**20, 3) for k, v in comm.sent_bytes.items()},
+                collectives_per_micro_batch=sum(per_micro.values()),
+                lora_factors=len(olr.layout.factors),
+                collectives_per_step=dict(comm.calls),
+            )
             if comm.rank == 0:
                 print(json.dumps(out))
     dist.destroy_process_group()

@@ -68,7 +68,9 @@ def train(method: str, theta: float, seed: int, tasks=(0, 1)) -> dict:
     g = torch.Generator().manual_seed(seed)
     conflicts = []
     for _ in range(STEPS):
-        idx = torch.cat([torch.nonzero(t_tr == t).squeeze(1)[torch.randint(0, 2048, (BATCH,), generator=g)] for t in tasks])
+        idx = torch.cat(
+            [torch.nonzero(t_tr == t).squeeze(1)[torch.randint(0, 2048, (BATCH,), generator=g)] for t in tasks]
+        )
         tid = torch.tensor([local[int(t)] for t in t_tr[idx]])
         olr.zero_grad()
         olr.set_tasks(tid)
@@ -105,7 +107,8 @@ def main(argv=None):
         mean = {m: {t: sum(v) / len(v) for t, v in d.items()} for m, d in agg.items()}
         avg = {m: (mean[m][0] + mean[m][1]) / 2 for m in mean}
         row = {
-            "theta_deg": deg, "mse": {m: {f"task{t}": round(v, 5) for t, v in d.items()} for m, d in mean.items()},
+            "theta_deg": deg,
+            "mse": {m: {f"task{t}": round(v, 5) for t, v in d.items()} for m, d in mean.items()},
             "avg_mse": {m: round(v, 5) for m, v in avg.items()},
             "ortho_gain": round(avg["joint"] - avg["ortho"], 5),
             "conflict_rate_joint_run": round(sum(conflict["joint"]) / args.seeds, 3),
@@ -115,11 +118,19 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "knob.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| theta | conflict rate (joint run) | single MSE | joint MSE | ortho MSE | ortho gain |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| theta | conflict rate (joint run) | single MSE | joint MSE | ortho MSE | ortho gain |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         a = r["avg_mse"]
-        lines.append(f"| {r['theta_deg']:.0f} deg | {r['conflict_rate_joint_run']:.2f} | {a['single']:.4f} | {a['joint']:.4f} | {a['ortho']:.4f} | {r['ortho_gain']:+.4f} |")
-    (out / "knob.md").write_text("\n".join(lines) + f"\n\n{args.seeds} seeds, {STEPS} AdamW steps, test MSE averaged over the two tasks.\n")
+        lines.append(
+            f"| {r['theta_deg']:.0f} deg | {r['conflict_rate_joint_run']:.2f} | {a['single']:.4f} | {a['joint']:.4f} "
+            f"| {a['ortho']:.4f} | {r['ortho_gain']:+.4f} |"
+        )
+    (out / "knob.md").write_text(
+        "\n".join(lines) + f"\n\n{args.seeds} seeds, {STEPS} AdamW steps, test MSE averaged over the two tasks.\n"
+    )
     import matplotlib
 
     matplotlib.use("Agg")

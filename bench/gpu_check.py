@@ -92,8 +92,17 @@ def llama_config(kind: str):
         "tiny": (256, 64, 172, 2, 4, 2),  # --tiny: exactness and benchmark on CPU
     }
     v, h, i, n, a, kv = shapes[kind]
-    return LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
-                       num_key_value_heads=kv, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
+    return LlamaConfig(
+        vocab_size=v,
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=n,
+        num_attention_heads=a,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
 
 
 def quantize_nf4(model: nn.Module, device: torch.device, compute: torch.dtype) -> int:
@@ -104,10 +113,18 @@ def quantize_nf4(model: nn.Module, device: torch.device, compute: torch.dtype) -
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and "layers." in f"{name}.{child_name}":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute, compress_statistics=True, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", module=q).to(device)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+                ).to(device)
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 q.train(child.training)
@@ -131,8 +148,17 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def build(kind: str, device: torch.device, dtype: torch.dtype, quant: str, compute: torch.dtype, *,
-          rank: int, dropout: float, seed: int = 0):
+def build(
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str,
+    compute: torch.dtype,
+    *,
+    rank: int,
+    dropout: float,
+    seed: int = 0,
+):
     """Random-init Llama from a config on ``device`` in ``dtype`` -> (NF4) -> PEFT LoRA on all linear layers."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -159,8 +185,9 @@ def build(kind: str, device: torch.device, dtype: torch.dtype, quant: str, compu
     model.config.use_cache = False
     model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     torch.manual_seed(seed + 1)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules="all-linear",
-                      init_lora_weights=False)  # random non-zero B: both factors get gradients from step one
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False
+    )  # random non-zero B: both factors get gradients from step one
     model = get_peft_model(model, lora)
     for p in model.parameters():
         if p.requires_grad and p.device != device:  # PEFT puts adapters on the base layer's device; make sure
@@ -202,7 +229,7 @@ def make_batch(task_ids, L, vocab, device, seed=0, pad=True):
 
 def per_task_rel(a, b, T):
     """max over tasks of ||a_t - b_t|| / ||b_t|| over all LoRA factors, the per-task values, and min ||b_t||."""
-    from ortho_lora_dist.layout import factor_rows
+    from ortho_lora_dist.core.layout import factor_rows
 
     ra, rb = a.buffer[0], b.buffer[0]
     num = torch.zeros(T, dtype=torch.float64, device=ra.device)
@@ -287,34 +314,58 @@ def run_exactness(args, device, quant) -> list[dict]:
     torch.set_float32_matmul_precision("highest")  # no TF32 in the fp32 checks
     try:
         for name, precision, task_ids, ckpt, what in plans:
-            dtype = torch.bfloat16 if (precision == "bf16" and cuda) else torch.float32  # CPU: fp32 weights, bf16 autocast
+            dtype = (
+                torch.bfloat16 if (precision == "bf16" and cuda) else torch.float32
+            )  # CPU: fp32 weights, bf16 autocast
             if precision not in models:
                 compute = torch.bfloat16 if precision == "bf16" else torch.float32
-                models[precision] = build(kind, device, dtype, quant, compute, rank=4 if args.tiny else 8, dropout=0.1)[0]
+                models[precision] = build(kind, device, dtype, quant, compute, rank=4 if args.tiny else 8, dropout=0.1)[
+                    0
+                ]
             model = models[precision]
             T = max(task_ids) + 1
             batch = make_batch(task_ids, L, cfg.vocab_size, device, seed=len(out))
             autocast = precision == "bf16"
             tol = BF16_TOL if autocast else FP32_TOL
             base = f"nf4 ({precision} compute)" if quant == "nf4" else DTYPE_NAME[dtype]
-            row = {"name": name, "model": kind, "base": base,
-                   "autocast": "bf16" if autocast else None,
-                   "checkpointing": "reentrant" if ckpt else None, "tasks": T, "task_ids": task_ids, "seq": L, "tol": tol}
+            row = {
+                "name": name,
+                "model": kind,
+                "base": base,
+                "autocast": "bf16" if autocast else None,
+                "checkpointing": "reentrant" if ckpt else None,
+                "tasks": T,
+                "task_ids": task_ids,
+                "seq": L,
+                "tol": tol,
+            }
             try:
                 if what == "pair":
                     worst, rel, min_norm, finite = exact_pair(model, T, batch, autocast=autocast, ckpt=ckpt)
-                    row.update(compared="one-backward capture vs T backward passes (reference, no checkpointing)",
-                               max_rel_err=worst, per_task_rel_err=[round(r, 9) for r in rel], min_ref_norm=min_norm)
+                    row.update(
+                        compared="one-backward capture vs T backward passes (reference, no checkpointing)",
+                        max_rel_err=worst,
+                        per_task_rel_err=[round(r, 9) for r in rel],
+                        min_ref_norm=min_norm,
+                    )
                     row["passed"] = finite and min_norm > 0 and worst <= tol
                 else:
                     err, norm, finite = joint_vs_peft(model, T, batch, autocast=autocast, ckpt=ckpt)
-                    row.update(compared="our joint combined gradient vs plain PEFT .grad of the summed loss (no checkpointing)",
-                               max_rel_err=err, per_task_rel_err=None, min_ref_norm=norm)
+                    row.update(
+                        compared="our joint combined gradient vs plain PEFT .grad of the summed loss "
+                        "(no checkpointing)",
+                        max_rel_err=err,
+                        per_task_rel_err=None,
+                        min_ref_norm=norm,
+                    )
                     row["passed"] = finite and norm > 0 and err <= tol
             except Exception as e:  # reported, not raised: the other checks still run
                 row.update(max_rel_err=None, passed=False, error=f"{type(e).__name__}: {e}")
                 log(traceback.format_exc())
-            log(f"exactness {name}: max rel err {row.get('max_rel_err')} (tol {tol}) -> {'pass' if row['passed'] else 'FAIL'}")
+            log(
+                f"exactness {name}: max rel err {row.get('max_rel_err')} (tol {tol}) "
+                f"-> {'pass' if row['passed'] else 'FAIL'}"
+            )
             out.append(row)
     finally:
         torch.set_float32_matmul_precision(prec)
@@ -372,13 +423,17 @@ class Bench:
         gen = torch.Generator().manual_seed(seq * 100 + T)
         ids = torch.randint(0, self.vocab, (B, seq), generator=gen).to(self.device)
         tids = torch.arange(T, device=self.device).repeat_interleave(per_task)
-        plan = {m: (a.ref_warmup, a.ref_steps) if m == "ortho_reference" else (a.warmup, a.steps) for m in BENCH_METHODS}
+        plan = {
+            m: (a.ref_warmup, a.ref_steps) if m == "ortho_reference" else (a.warmup, a.steps) for m in BENCH_METHODS
+        }
         rounds = max(w + s for w, s in plan.values())
         min_rounds = max(w for w, _ in plan.values()) + 1
         row = {"seq": seq, "tasks": T, "batch": B, "tokens_per_step": B * seq, "status": "ok", "methods": {}}
         if est_round is not None and time.monotonic() + est_round * min_rounds > deadline:
             row["status"] = "skipped"  # same keys as a run, with null figures
-            row["reason"] = f"time budget: about {est_round * min_rounds:.0f} s needed, {deadline - time.monotonic():.0f} s left"
+            row["reason"] = (
+                f"time budget: about {est_round * min_rounds:.0f} s needed, {deadline - time.monotonic():.0f} s left"
+            )
             rounds = 0
         times = {m: [] for m in plan}
         peaks: dict[str, int] = {}
@@ -416,7 +471,8 @@ class Bench:
                 "step_s": None if med is None else round(med, 4),
                 "tokens_per_s": None if med is None else round(B * seq / med, 1),
                 "peak_GiB": round(peaks[m] / 2**30, 3) if m in peaks else None,
-                "timed_steps": len(times[m]), "nonfinite_skipped_steps": skipped[m],
+                "timed_steps": len(times[m]),
+                "nonfinite_skipped_steps": skipped[m],
             }
             if m in errors:
                 row["methods"][m]["error"] = errors[m]
@@ -427,7 +483,9 @@ class Bench:
             row["vs_peft_joint"][m] = {
                 "time": round(res["step_s"] / base["step_s"], 3) if ok else None,
                 "tokens_per_s": round(res["tokens_per_s"] / base["tokens_per_s"], 3) if ok else None,
-                "peak_memory": round(res["peak_GiB"] / base["peak_GiB"], 3) if res["peak_GiB"] and base["peak_GiB"] else None,
+                "peak_memory": round(res["peak_GiB"] / base["peak_GiB"], 3)
+                if res["peak_GiB"] and base["peak_GiB"]
+                else None,
             }
         if errors:
             row["status"] = "error"
@@ -444,25 +502,45 @@ def run_bench(args, device, quant, summary, write) -> None:
     cfg = model.config
     bench = Bench(model, device, args)
     summary["benchmark"]["model"] = {
-        "config": kind, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
-        "params_total": sum(p.numel() for p in model.parameters()), "lora_params": sum(p.numel() for p in bench.lora_params),
+        "config": kind,
+        "hidden": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "vocab": cfg.vocab_size,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "lora_params": sum(p.numel() for p in bench.lora_params),
         "quantized_linears": n_quant,
         "base": "nf4 (bf16 compute, double quant)" if quant == "nf4" else DTYPE_NAME[dtype],
-        "lora": "r=16, alpha=32, dropout 0.05, all linear", "checkpointing": "reentrant", "autocast": "bf16",
-        "memory_after_init_GiB": round(torch.cuda.memory_allocated(device) / 2**30, 3) if cuda else None, **times,
+        "lora": "r=16, alpha=32, dropout 0.05, all linear",
+        "checkpointing": "reentrant",
+        "autocast": "bf16",
+        "memory_after_init_GiB": round(torch.cuda.memory_allocated(device) / 2**30, 3) if cuda else None,
+        **times,
     }
     log(f"model ready in {times['init_s']} s")
     # the exactness check on the benchmark model itself (T = 3, a padded interleaved batch)
     task_ids, L = [0, 1, 2, 0, 1, 2], 16 if args.tiny else 128
-    row = {"name": f"{kind}_bf16_autocast_reentrant_ckpt_interleaved", "model": kind,
-           "base": "nf4 (bf16 compute)" if quant == "nf4" else "fp32", "autocast": "bf16", "checkpointing": "reentrant",
-           "tasks": 3, "task_ids": task_ids, "seq": L, "tol": BF16_TOL,
-           "compared": "one-backward capture vs T backward passes (reference, no checkpointing)"}
+    row = {
+        "name": f"{kind}_bf16_autocast_reentrant_ckpt_interleaved",
+        "model": kind,
+        "base": "nf4 (bf16 compute)" if quant == "nf4" else "fp32",
+        "autocast": "bf16",
+        "checkpointing": "reentrant",
+        "tasks": 3,
+        "task_ids": task_ids,
+        "seq": L,
+        "tol": BF16_TOL,
+        "compared": "one-backward capture vs T backward passes (reference, no checkpointing)",
+    }
     try:
-        worst, rel, min_norm, finite = exact_pair(model, 3, make_batch(task_ids, L, cfg.vocab_size, device, seed=99),
-                                                  autocast=True, ckpt=True)
-        row.update(max_rel_err=worst, per_task_rel_err=[round(r, 9) for r in rel], min_ref_norm=min_norm,
-                   passed=finite and min_norm > 0 and worst <= BF16_TOL)
+        worst, rel, min_norm, finite = exact_pair(
+            model, 3, make_batch(task_ids, L, cfg.vocab_size, device, seed=99), autocast=True, ckpt=True
+        )
+        row.update(
+            max_rel_err=worst,
+            per_task_rel_err=[round(r, 9) for r in rel],
+            min_ref_norm=min_norm,
+            passed=finite and min_norm > 0 and worst <= BF16_TOL,
+        )
     except Exception as e:
         row.update(max_rel_err=None, passed=False, error=f"{type(e).__name__}: {e}")
         log(traceback.format_exc())
@@ -495,7 +573,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.json", help="JSON summary file (default gpu_check.json)")
     p.add_argument("--tiny", action="store_true", help="tiny Llama, few steps: the same code end to end on CPU")
-    p.add_argument("--quant", choices=("auto", "nf4", "none"), default="auto", help="auto: nf4 on CUDA, none (fp32 Linear) on CPU")
+    p.add_argument(
+        "--quant", choices=("auto", "nf4", "none"), default="auto", help="auto: nf4 on CUDA, none (fp32 Linear) on CPU"
+    )
     p.add_argument("--seqs", type=int, nargs="+", help="sequence lengths (default 1024 2048; --tiny: 32 64)")
     p.add_argument("--tasks", type=int, nargs="+", default=[3, 8])
     p.add_argument("--per-task", type=int, default=1, help="sequences of each task per step")
@@ -512,8 +592,14 @@ def main(argv=None) -> int:
     args.ref_steps = args.ref_steps if args.ref_steps is not None else (1 if args.tiny else 2)
 
     stdout = sys.stdout
-    summary: dict = {"complete": False, "ok": False, "setup": {}, "exactness": {"passed": False, "checks": []},
-                     "benchmark": {"model": None, "results": []}, "elapsed_s": None}
+    summary: dict = {
+        "complete": False,
+        "ok": False,
+        "setup": {},
+        "exactness": {"passed": False, "checks": []},
+        "benchmark": {"model": None, "results": []},
+        "elapsed_s": None,
+    }
 
     def write():
         summary["elapsed_s"] = round(time.monotonic() - T0, 1)
@@ -528,11 +614,23 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if cuda else "cpu")
         quant = args.quant if args.quant != "auto" else ("nf4" if cuda else "none")
         setup = summary["setup"]
-        setup.update(device=torch.cuda.get_device_name(device) if cuda else "cpu", tiny=args.tiny, quant=quant,
-                     torch=torch.__version__, cuda=torch.version.cuda if cuda else None, seqs=args.seqs, tasks=args.tasks,
-                     per_task=args.per_task, warmup=args.warmup, steps=args.steps, ref_warmup=args.ref_warmup,
-                     ref_steps=args.ref_steps, budget_s=args.budget, methods=list(BENCH_METHODS),
-                     tolerances={"fp32": FP32_TOL, "bf16_autocast": BF16_TOL})
+        setup.update(
+            device=torch.cuda.get_device_name(device) if cuda else "cpu",
+            tiny=args.tiny,
+            quant=quant,
+            torch=torch.__version__,
+            cuda=torch.version.cuda if cuda else None,
+            seqs=args.seqs,
+            tasks=args.tasks,
+            per_task=args.per_task,
+            warmup=args.warmup,
+            steps=args.steps,
+            ref_warmup=args.ref_warmup,
+            ref_steps=args.ref_steps,
+            budget_s=args.budget,
+            methods=list(BENCH_METHODS),
+            tolerances={"fp32": FP32_TOL, "bf16_autocast": BF16_TOL},
+        )
         for mod in ("transformers", "peft", "bitsandbytes", "torchjd"):
             try:
                 setup[mod] = __import__(mod).__version__
@@ -559,8 +657,12 @@ def main(argv=None) -> int:
             summary["error"] = f"{type(e).__name__}: {e}"
             log(traceback.format_exc())
         bench_ok = all(r["status"] != "error" for r in summary["benchmark"]["results"])
-        summary["ok"] = (not failed and summary["exactness"]["passed"] and bench_ok
-                         and (args.only == "exactness" or bool(summary["benchmark"]["results"])))
+        summary["ok"] = (
+            not failed
+            and summary["exactness"]["passed"]
+            and bench_ok
+            and (args.only == "exactness" or bool(summary["benchmark"]["results"]))
+        )
         write()
     print(json.dumps(summary, indent=1), file=stdout, flush=True)
     return 0 if summary["ok"] else 1

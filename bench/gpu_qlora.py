@@ -27,7 +27,9 @@ def quantize_linears(model: torch.nn.Module, device: torch.device, compute=torch
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and "layers." in f"{name}.{child_name}":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute, quant_type="nf4")
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=False, compute_dtype=compute, quant_type="nf4"
+                )
                 q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
                 setattr(module, child_name, q.to(device))
                 del child
@@ -38,11 +40,25 @@ def build(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq)
+        cfg = LlamaConfig(
+            vocab_size=1000,
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=args.seq,
+        )
     else:  # Llama-2-7B
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
@@ -137,8 +153,14 @@ def main(argv=None):
             results[m]["peak_GiB"] = round(peaks[m] / 2**30, 2)
     results["ortho/joint time"] = round(results["ortho"]["step_s"] / results["joint"]["step_s"], 3)
     results["reference/joint time"] = round(results["ortho_reference"]["step_s"] / results["joint"]["step_s"], 3)
-    results["setup"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tasks": T, "seq": args.seq,
-                        "tiny": args.tiny, "lora_params": sum(p.numel() for p in lora_params), "torch": torch.__version__}
+    results["setup"] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "tasks": T,
+        "seq": args.seq,
+        "tiny": args.tiny,
+        "lora_params": sum(p.numel() for p in lora_params),
+        "torch": torch.__version__,
+    }
     print(json.dumps(results, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -27,8 +27,12 @@ def build(args, seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
         max_position_embeddings=args.seq,
     )
     model = LlamaForCausalLM(cfg)
@@ -116,8 +120,14 @@ def main(argv=None):
                 times[name].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
-            "tasks": T, "model_params": n_total, "lora_params": n_lora, "batch": T * args.per_task, "seq": args.seq,
-            "clock": args.clock, "threads": torch.get_num_threads(), "buffer_dtype": args.buffer_dtype,
+            "tasks": T,
+            "model_params": n_total,
+            "lora_params": n_lora,
+            "batch": T * args.per_task,
+            "seq": args.seq,
+            "clock": args.clock,
+            "threads": torch.get_num_threads(),
+            "buffer_dtype": args.buffer_dtype,
             "ortho_buffer_MB": round(steps["ortho"].buffer_bytes / 2**20, 3),
             **{f"{k}_s": round(v, 4) for k, v in med.items()},
             "ortho/joint": round(med["ortho"] / med["joint"], 3),

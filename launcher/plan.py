@@ -46,21 +46,36 @@ def build_command(plan: LaunchPlan) -> list[str]:
     bindir = Path(sys.executable).parent
     if plan.launcher == "torchrun":
         return [
-            str(bindir / "torchrun"), f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={plan.master_addr}:{plan.master_port}", f"--rdzv-id={plan.job_id}",
-            "--max-restarts=0", "-m", "ortho_lora_dist.cli", *_train_args(plan),
+            str(bindir / "torchrun"),
+            f"--nnodes={plan.nnodes}",
+            f"--nproc-per-node={plan.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={plan.master_addr}:{plan.master_port}",
+            f"--rdzv-id={plan.job_id}",
+            "--max-restarts=0",
+            "-m",
+            "ortho_lora_dist.cli",
+            *_train_args(plan),
         ]
     if plan.launcher == "deepspeed":
         cmd = [
-            str(bindir / "deepspeed"), f"--hostfile={plan.hostfile}", f"--master_addr={plan.master_addr}",
-            f"--master_port={plan.master_port}", "--no_local_rank",
+            str(bindir / "deepspeed"),
+            f"--hostfile={plan.hostfile}",
+            f"--master_addr={plan.master_addr}",
+            f"--master_port={plan.master_port}",
+            "--no_local_rank",
         ]
         if plan.nnodes > 1:  # each node starts its own local launcher: no ssh / pdsh needed inside SLURM
             cmd += ["--no_ssh", f"--node_rank={plan.node_rank}"]
         return cmd + ["--module", "ortho_lora_dist.cli", *_train_args(plan)]
     cmd = [
-        str(bindir / "accelerate"), "launch", f"--num_machines={plan.nnodes}", f"--num_processes={plan.world_size}",
-        f"--machine_rank={plan.node_rank}", f"--main_process_ip={plan.master_addr}", f"--main_process_port={plan.master_port}",
+        str(bindir / "accelerate"),
+        "launch",
+        f"--num_machines={plan.nnodes}",
+        f"--num_processes={plan.world_size}",
+        f"--machine_rank={plan.node_rank}",
+        f"--main_process_ip={plan.master_addr}",
+        f"--main_process_port={plan.master_port}",
     ]
     if plan.accelerate_config:
         cmd.append(f"--config_file={plan.accelerate_config}")
@@ -85,12 +100,18 @@ def _check(plan: LaunchPlan, engine: str) -> None:
     if plan.launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {LAUNCHERS}, got {plan.launcher!r}")
     if plan.launcher == "deepspeed" and engine != "deepspeed":
-        raise LaunchError(f"the deepspeed launcher needs distributed.engine: deepspeed (the config says {engine!r}); use torchrun")
+        raise LaunchError(
+            f"the deepspeed launcher needs distributed.engine: deepspeed (the config says {engine!r}); use torchrun"
+        )
     if plan.launcher == "accelerate" and plan.accelerate_config:
         import yaml
 
         kind = str((yaml.safe_load(Path(plan.accelerate_config).read_text()) or {}).get("distributed_type", "")).upper()
-        wanted = {"ddp": ("MULTI_GPU", "MULTI_CPU", "NO", ""), "fsdp": ("MULTI_GPU", "MULTI_CPU", "NO", ""), "deepspeed": ("MULTI_GPU", "NO", "")}
+        wanted = {
+            "ddp": ("MULTI_GPU", "MULTI_CPU", "NO", ""),
+            "fsdp": ("MULTI_GPU", "MULTI_CPU", "NO", ""),
+            "deepspeed": ("MULTI_GPU", "NO", ""),
+        }
         if kind in ("FSDP", "DEEPSPEED") or kind not in wanted[engine]:
             raise LaunchError(
                 f"{plan.accelerate_config}: distributed_type {kind} would wrap the model in accelerate's own "
@@ -131,11 +152,18 @@ def plan_from_args(args: argparse.Namespace, env: dict | None = None, write_file
         except Exception:  # pragma: no cover
             nproc = 1
     plan = LaunchPlan(
-        launcher=args.launcher, config=str(args.config), overrides=list(args.overrides),
-        nnodes=args.nnodes or nnodes, node_rank=args.node_rank if args.node_rank is not None else node_rank,
-        nproc_per_node=nproc, master_addr=args.master_addr or env.get("MASTER_ADDR") or addr,
-        master_port=args.master_port or int(env.get("MASTER_PORT", port)), nodes=nodes, job_id=job_id,
-        resume=args.resume, accelerate_config=getattr(args, "accelerate_config", None),
+        launcher=args.launcher,
+        config=str(args.config),
+        overrides=list(args.overrides),
+        nnodes=args.nnodes or nnodes,
+        node_rank=args.node_rank if args.node_rank is not None else node_rank,
+        nproc_per_node=nproc,
+        master_addr=args.master_addr or env.get("MASTER_ADDR") or addr,
+        master_port=args.master_port or int(env.get("MASTER_PORT", port)),
+        nodes=nodes,
+        job_id=job_id,
+        resume=args.resume,
+        accelerate_config=getattr(args, "accelerate_config", None),
     )
     _check(plan, cfg.distributed.engine)
     if plan.launcher == "deepspeed":

@@ -9,8 +9,14 @@ import importlib
 
 __version__ = "0.1.0"
 _LAZY = {
-    "OrthoLoRA": "step", "StepResult": "step", "TaskGradCapture": "capture", "task_mean": "losses",
-    "combine_weights": "projection", "gram": "projection", "joint_weights": "projection", "project": "projection",
+    "OrthoLoRA": "core.step",
+    "StepResult": "core.step",
+    "TaskGradCapture": "core.capture",
+    "task_mean": "core.losses",
+    "combine_weights": "core.projection",
+    "gram": "core.gram",
+    "joint_weights": "core.projection",
+    "project": "core.projection",
 }
 __all__ = sorted(_LAZY)
 

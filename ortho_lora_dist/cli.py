@@ -9,57 +9,50 @@ import sys
 
 
 def _train(args) -> int:
-    from .signals import raise_on_stop
+    from ortho_lora_dist.runtime.signals import raise_on_stop
 
     raise_on_stop()  # SIGTERM / SIGUSR1 before the loop: exit 0 with nothing written
-    from .config import load_config
-    from .trainer import Trainer
+    from ortho_lora_dist.config import load_config
+    from ortho_lora_dist.runtime.distributed import leave_process_group
+    from ortho_lora_dist.training.recipe import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg, resume=args.resume).train()
-    _leave_process_group()
+    leave_process_group()
     return 0 if result is not None else 1  # a stop signal (checkpoint written) is a clean exit: 0
-
-
-def _leave_process_group() -> None:
-    """All ranks leave together: a rank exiting while another still writes outputs can abort in gloo's teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _eval(args) -> int:
     import json
     from pathlib import Path
 
-    from .config import load_config
-    from .evaluate import eval_report, run_eval
-    from .fsutil import atomic_write_text
-    from .trainer import Trainer, print_table
+    from ortho_lora_dist.artifacts.adapter import find_adapter
+    from ortho_lora_dist.config import load_config
+    from ortho_lora_dist.evaluation.evaluate import run_eval
+    from ortho_lora_dist.evaluation.loader import load_for_eval
+    from ortho_lora_dist.evaluation.report import eval_report, print_table
+    from ortho_lora_dist.runtime import run_files as rf
+    from ortho_lora_dist.runtime.fsutil import atomic_write_text
 
     cfg = load_config(args.config, args.overrides)
-    adapter = Path(args.adapter)
-    adapter = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{adapter} holds no adapter_model.safetensors (give the run's adapter/ directory)")
-    trainer = Trainer(cfg, for_eval=True)  # reads the run; writes nothing but its own output file
-    trainer.load_adapter(adapter)
-    full = {s: run_eval(trainer.model, trainer.tasks, s, trainer.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
+    adapter = find_adapter(args.adapter)
+    ev = load_for_eval(cfg, adapter)  # reads the run; writes nothing but its own output file
+    full = {s: run_eval(ev.model, ev.tasks, s, ev.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
     results = {k: v.metrics for k, v in full.items() if v.metrics}
-    if trainer.info.main:
+    if ev.info.main:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
-        if out.resolve() in {(adapter.parent / n).resolve() for n in ("eval.json", "metrics.jsonl", "conflicts.jsonl", "config.yaml", "finished.json")}:
+        if out.resolve() in {(adapter.parent / n).resolve() for n in rf.RUN_FILES}:
             raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
-        atomic_write_text(out, json.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1))  # eval.json's layout
-        print_table(results, trainer.tasks)
+        atomic_write_text(
+            out, json.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1)
+        )  # eval.json's layout
+        print_table(results, ev.tasks)
         print(f"written: {out}")
     return 0
 
 
 def _predict(args) -> int:
-    from .predict import predict_file
+    from ortho_lora_dist.artifacts.predict import predict_file
 
     n = predict_file(args.adapter, args.input, args.output, args.batch_size, args.base)
     print(f"written: {args.output} ({n} predictions)")
@@ -67,14 +60,14 @@ def _predict(args) -> int:
 
 
 def _merge(args) -> int:
-    from .merge import merge
+    from ortho_lora_dist.artifacts.merge import merge
 
     print(f"written: {merge(args.run_dir, args.out_dir, force=args.force, base=args.base)}")
     return 0
 
 
 def _plot(args) -> int:
-    from .plots import plot_run
+    from ortho_lora_dist.artifacts.plots import plot_run
 
     for path in plot_run(args.output_dir):
         print(path)
@@ -82,7 +75,7 @@ def _plot(args) -> int:
 
 
 def _prepare_demo(args) -> int:
-    from .demo_data import prepare_demo
+    from ortho_lora_dist.data.demo import prepare_demo
 
     summary = prepare_demo(args.out, args.train, args.validation, args.test, args.seed)
     for task, counts in summary.items():
@@ -91,12 +84,16 @@ def _prepare_demo(args) -> int:
 
 
 def _launch(args) -> int:
-    from .config import ConfigError
-    from .packaged import launcher_module
+    from ortho_lora_dist.config import ConfigError
+    from ortho_lora_dist.runtime.resources import launcher_module
 
     plan_mod, run = launcher_module("plan"), launcher_module("run").run
     LaunchError, build_command, plan_from_args, render = (
-        plan_mod.LaunchError, plan_mod.build_command, plan_mod.plan_from_args, plan_mod.render)
+        plan_mod.LaunchError,
+        plan_mod.build_command,
+        plan_mod.plan_from_args,
+        plan_mod.render,
+    )
 
     try:
         plan = plan_from_args(args, write_files=not args.dry_run)
@@ -114,7 +111,7 @@ def _launch(args) -> int:
 
 
 def _init(args) -> int:
-    from .init import init_project
+    from ortho_lora_dist.scaffold import init_project
 
     written = init_project(args.template, args.dir, force=args.force)
     for path in written:
@@ -125,12 +122,12 @@ def _init(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import compare
-    from .config import ConfigError, load_config
+    from ortho_lora_dist.config import ConfigError, load_config
+    from ortho_lora_dist.study.compare import compare
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(cfg.output_dir) + "-compare"
-    from .compare import CompareInterrupted
+    from ortho_lora_dist.study.compare import CompareInterrupted
 
     try:
         summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
@@ -141,7 +138,7 @@ def _compare(args) -> int:
         if "unknown method" in str(e):
             raise ConfigError(f"--methods: {e}") from None
         raise
-    from .compare import to_markdown
+    from ortho_lora_dist.study.compare import to_markdown
 
     print(to_markdown(summary))
     print(f"written: {out}/compare.json, compare.md, compare.png")
@@ -149,7 +146,7 @@ def _compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ortho_lora_dist import __version__
 
     p = argparse.ArgumentParser(prog="ortho-lora", description="Exact Ortho-LoRA multi-task LoRA/QLoRA fine-tuning")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -165,18 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--adapter", required=True, help="the run's output dir or its adapter/ directory")
-    e.add_argument("--output", help="where to write the results (default: RUN_DIR/eval-cli.json; the run's own files are never touched)")
+    e.add_argument(
+        "--output",
+        help="where to write the results (default: RUN_DIR/eval-cli.json; the run's own files are never touched)",
+    )
     e.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="predict JSONL records with a saved adapter alone (no config, no data)")
     pr.add_argument("adapter", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
     pr.add_argument("--input", required=True, help='JSONL, one {"task": NAME, "text": ..., "text_pair"?: ...} per line')
-    pr.add_argument("--output", required=True, help="JSONL, one {\"task\", \"prediction\"} per input line, same order")
+    pr.add_argument("--output", required=True, help='JSONL, one {"task", "prediction"} per input line, same order')
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--base", help="the base model, when it is no longer where the adapter says (default: its tasks.json)")
+    pr.add_argument(
+        "--base", help="the base model, when it is no longer where the adapter says (default: its tasks.json)"
+    )
     pr.set_defaults(func=_predict)
 
-    mg = sub.add_parser("merge", help="fold the adapter into its (non-quantized) base: a model plain transformers loads")
+    mg = sub.add_parser(
+        "merge", help="fold the adapter into its (non-quantized) base: a model plain transformers loads"
+    )
     mg.add_argument("run_dir", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
     mg.add_argument("out_dir", metavar="OUT_DIR")
     mg.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
@@ -187,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("output_dir")
     pl.set_defaults(func=_plot)
 
-    la = sub.add_parser("launch", help="run `train` on one or many nodes via torchrun, deepspeed or accelerate (SLURM-aware)")
+    la = sub.add_parser(
+        "launch", help="run `train` on one or many nodes via torchrun, deepspeed or accelerate (SLURM-aware)"
+    )
     la.add_argument("config")
     la.add_argument("overrides", nargs="*")
     la.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed", "accelerate"])
@@ -201,18 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
     la.set_defaults(func=_launch)
 
-    c = sub.add_parser("compare", help="single-task vs joint vs multi-task rules over seeds, paired statistics (resumable)")
+    c = sub.add_parser(
+        "compare", help="single-task vs joint vs multi-task rules over seeds, paired statistics (resumable)"
+    )
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--methods", help="comma list: single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
-                   "or STRATEGY[-factor|-module|-global] (e.g. upgrad-global, norm_balance-factor); default: "
-                   "single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,"
-                   "cagrad-global,mgda-global,lossweights")
+    c.add_argument(
+        "--methods",
+        help="comma list: single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
+        "or STRATEGY[-factor|-module|-global] (e.g. upgrad-global, norm_balance-factor); default: "
+        "single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,"
+        "cagrad-global,mgda-global,lossweights",
+    )
     c.add_argument("--out", help="default: OUTPUT_DIR-compare")
     c.set_defaults(func=_compare)
 
-    it = sub.add_parser("init", help="write a starter config (+ the DeepSpeed config it names and the SLURM scripts) here")
+    it = sub.add_parser(
+        "init", help="write a starter config (+ the DeepSpeed config it names and the SLURM scripts) here"
+    )
     it.add_argument("--template", default="demo", help="demo (default), paper_glue, llama7b_qlora or study")
     it.add_argument("--dir", default=".", help="where to write (default: the current folder)")
     it.add_argument("--force", action="store_true", help="overwrite files that exist")
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .signals import Interrupted
+    from ortho_lora_dist.runtime.signals import Interrupted
 
     try:
         return args.func(args)
@@ -262,19 +275,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(e: Exception) -> int | None:
     """2: bad input or a refused operation (one line, no traceback); 1: a run that failed; None: a bug (traceback)."""
-    from .adapter import AdapterError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .resume import ResumeMismatch
-    from .runlock import RunLocked
-    from .telemetry import TrackerError
-    from .trainer import RunExists, TooManySkips, TrainingFailed
+    from ortho_lora_dist.artifacts.adapter import AdapterError
+    from ortho_lora_dist.config import ConfigError
+    from ortho_lora_dist.data.loading import DataError
+    from ortho_lora_dist.training.checkpoint import CheckpointError
+    from ortho_lora_dist.training.resume import ResumeMismatch
+    from ortho_lora_dist.training.run_dir import RunExists, RunLocked
+    from ortho_lora_dist.training.state import TooManySkips, TrainingFailed
+    from ortho_lora_dist.training.telemetry import TrackerError
 
     if isinstance(e, TrainingFailed):
         return 1
-    if isinstance(e, (ConfigError, DataError, FileNotFoundError, FileExistsError, RunLocked, RunExists, ResumeMismatch,
-                      CheckpointError, TooManySkips, AdapterError, TrackerError)):
+    if isinstance(
+        e,
+        (
+            ConfigError,
+            DataError,
+            FileNotFoundError,
+            FileExistsError,
+            RunLocked,
+            RunExists,
+            ResumeMismatch,
+            CheckpointError,
+            TooManySkips,
+            AdapterError,
+            TrackerError,
+        ),
+    ):
         return 2
     return None
 

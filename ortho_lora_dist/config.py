@@ -18,7 +18,9 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    name_or_path: str = Field(description="local directory, hub id, or pkg://PACKAGE/SUBDIR (a model shipped in a package)")
+    name_or_path: str = Field(
+        description="local directory, hub id, or pkg://PACKAGE/SUBDIR (a model shipped in a package)"
+    )
     kind: Literal["encoder-classification", "causal-lm"] = "encoder-classification"
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -47,7 +49,8 @@ class TaskConfig(Strict):
     dataset: str | None = Field(None, description="HF dataset id (loaded with datasets.load_dataset)")
     dataset_config: str | None = None
     files: dict[Literal["train", "validation", "test"], str] | None = Field(
-        None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder")
+        None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder"
+    )
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str | None = None
@@ -58,27 +61,44 @@ class TaskConfig(Strict):
     labels: list[str] | None = Field(None, description="label set (default: the labels seen in train, sorted)")
     metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match"] = "accuracy"
     loss_weight: float = Field(1.0, ge=0)
-    prompt: str | None = Field(None, description="format text: '{text}' / '{text_pair}' template (default "
-                               "'{text}\\nAnswer:'); alpaca: '{instruction}' / '{input}' (default: Alpaca's templates)")
+    prompt: str | None = Field(
+        None,
+        description="format text: '{text}' / '{text_pair}' template (default "
+        "'{text}\\nAnswer:'); alpaca: '{instruction}' / '{input}' (default: Alpaca's templates)",
+    )
     label_words: dict[str, str] | None = None
-    generation: GenerationOptions = Field(default_factory=GenerationOptions, description="generation tasks: max_new_tokens, stop")
-    answer_regex: str | None = Field(None, description="scored answer: first capture group (or whole match), on prediction and reference")
-    extract: Literal["none", "last_number", "gsm8k"] = Field("none", description="named answer extractor (instead of answer_regex)")
-    normalize: Literal["default", "lowercase", "strip"] = Field("default", description="answer normalisation before exact_match")
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="generation tasks: max_new_tokens, stop"
+    )
+    answer_regex: str | None = Field(
+        None, description="scored answer: first capture group (or whole match), on prediction and reference"
+    )
+    extract: Literal["none", "last_number", "gsm8k"] = Field(
+        "none", description="named answer extractor (instead of answer_regex)"
+    )
+    normalize: Literal["default", "lowercase", "strip"] = Field(
+        "default", description="answer normalisation before exact_match"
+    )
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
-    format: Literal["text", "alpaca", "chat"] = Field("text", description="record layout: text (+pair) and label, "
-                                                      "instruction/input/output, or chat messages (see README)")
+    format: Literal["text", "alpaca", "chat"] = Field(
+        "text",
+        description="record layout: text (+pair) and label, instruction/input/output, or chat messages (see README)",
+    )
     instruction_field: str = "instruction"
     input_field: str = Field("input", description="alpaca: optional per record (missing or empty: no input)")
     output_field: str = "output"
-    messages_field: str = Field("messages", description="chat: a list of {role, content}; the last is the assistant's answer")
+    messages_field: str = Field(
+        "messages", description="chat: a list of {role, content}; the last is the assistant's answer"
+    )
     train_on_inputs: bool = Field(False, description="causal-lm: loss on the prompt tokens too (default: answer only)")
-    validation_fraction: float | None = Field(None, gt=0, lt=1, description="hold out this share of train as validation")
+    validation_fraction: float | None = Field(
+        None, gt=0, lt=1, description="hold out this share of train as validation"
+    )
     validation_seed: int = Field(0, description="seed of the validation_fraction split (fixed across train.seed)")
 
     @model_validator(mode="after")
-    def _source(self) -> "TaskConfig":
+    def _source(self) -> TaskConfig:
         if (self.dataset is None) == (self.files is None):
             raise ValueError(f"task {self.name!r}: give exactly one of 'dataset' (HF id) or 'files' (local JSONL/CSV)")
         if self.files is not None and "train" not in self.files:
@@ -88,13 +108,17 @@ class TaskConfig(Strict):
             if "type" not in given:
                 self.type = "generation"
             elif self.type != "generation":
-                raise ValueError(f"task {self.name!r}: format {self.format!r} makes a generation task (its answer is "
-                                 f"text), not {self.type!r}: remove 'type' or set type: generation")
+                raise ValueError(
+                    f"task {self.name!r}: format {self.format!r} makes a generation task (its answer is "
+                    f"text), not {self.type!r}: remove 'type' or set type: generation"
+                )
             if "metric" not in given:
                 self.metric = "exact_match"
         if self.format == "chat" and self.prompt is not None:
-            raise ValueError(f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "
-                             "remove 'prompt'")
+            raise ValueError(
+                f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "
+                "remove 'prompt'"
+            )
         if self.format == "text" and self.prompt is None:
             self.prompt = "{text}\nAnswer:"
         if self.prompt is not None:
@@ -104,11 +128,15 @@ class TaskConfig(Strict):
             try:
                 names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None}
             except ValueError as e:
-                raise ValueError(f"task {self.name!r}: prompt is not a valid template ({e}; write {{{{ and }}}} for braces)") from None
+                raise ValueError(
+                    f"task {self.name!r}: prompt is not a valid template ({e}; write {{{{ and }}}} for braces)"
+                ) from None
             bad = sorted(names - allowed)
             if bad:
-                raise ValueError(f"task {self.name!r}: prompt uses {', '.join('{' + b + '}' for b in bad)}; format "
-                                 f"{self.format!r} fills {', '.join('{' + a + '}' for a in sorted(allowed))}")
+                raise ValueError(
+                    f"task {self.name!r}: prompt uses {', '.join('{' + b + '}' for b in bad)}; format "
+                    f"{self.format!r} fills {', '.join('{' + a + '}' for a in sorted(allowed))}"
+                )
         if self.validation_fraction is not None:
             if self.files is not None and "validation" in self.files:
                 raise ValueError(f"task {self.name!r}: give either files.validation or validation_fraction, not both")
@@ -117,7 +145,7 @@ class TaskConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _answer(self) -> "TaskConfig":
+    def _answer(self) -> TaskConfig:
         if self.answer_regex is not None:
             if self.extract != "none":
                 raise ValueError(f"task {self.name!r}: give answer_regex or extract, not both")
@@ -126,18 +154,25 @@ class TaskConfig(Strict):
             try:
                 re.compile(self.answer_regex)
             except re.error as e:
-                raise ValueError(f"task {self.name!r}: answer_regex {self.answer_regex!r} is not a valid regular expression ({e})") from None
+                raise ValueError(
+                    f"task {self.name!r}: answer_regex {self.answer_regex!r} is not a valid regular expression ({e})"
+                ) from None
         return self
 
 
 class TrainConfig(Strict):
-    strategy: str = Field("ortho", description="ortho | joint | norm_balance | a TorchJD weighting (see docs/design.md)")
+    strategy: str = Field(
+        "ortho", description="ortho | joint | norm_balance | a TorchJD weighting (see docs/design.md)"
+    )
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
     granularity: Literal["factor", "module", "global"] = "factor"
     mode: Literal["one_backward", "reference"] = "one_backward"
     reduce: Literal["auto", "step", "eager"] = "auto"
     bucket_mb: float = Field(
-        25.0, gt=0, description="reduce 'eager': MB of per-task gradients per asynchronous reduce (at most 1/16 of a rank's region)"
+        25.0,
+        gt=0,
+        description="reduce 'eager': MB of per-task gradients per asynchronous reduce "
+        "(at most 1/16 of a rank's region)",
     )
     buffer_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the per-task gradient buffer (bfloat16: half its memory; Grams stay fp32/fp64)"
@@ -148,11 +183,17 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
-    per_task_batch_size: int = Field(32, gt=0, description="samples of EACH task per rank per micro-batch (task_sampling "
-                                     "equal); otherwise a micro-batch holds per_task_batch_size x tasks samples per rank")
+    per_task_batch_size: int = Field(
+        32,
+        gt=0,
+        description="samples of EACH task per rank per micro-batch (task_sampling "
+        "equal); otherwise a micro-batch holds per_task_batch_size x tasks samples per rank",
+    )
     task_sampling: Literal["equal", "proportional", "temperature"] = Field(
-        "equal", description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
-        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); see docs/design.md")
+        "equal",
+        description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
+        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); see docs/design.md",
+    )
     temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
     gradient_accumulation: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
@@ -165,18 +206,22 @@ class TrainConfig(Strict):
     max_consecutive_skips: int = Field(10, gt=0)
     plots: bool = True
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="trackers besides metrics.jsonl (always written): "
-        "tensorboard, wandb (mode from WANDB_MODE), mlflow (MLFLOW_TRACKING_URI); [] for none")
+        default_factory=lambda: ["tensorboard"],
+        description="trackers besides metrics.jsonl (always written): "
+        "tensorboard, wandb (mode from WANDB_MODE), mlflow (MLFLOW_TRACKING_URI); [] for none",
+    )
 
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from .aggregators import STRATEGIES
+        from ortho_lora_dist.core.strategies import STRATEGIES
 
         if v not in STRATEGIES:
             close = difflib.get_close_matches(v, STRATEGIES, n=1)
-            raise ValueError(f"unknown strategy {v!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                             f"choose from {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {v!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                f"choose from {', '.join(STRATEGIES)}"
+            )
         return v
 
     @field_validator("report_to")
@@ -189,7 +234,7 @@ class TrainConfig(Strict):
         return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
-    def _length(self) -> "TrainConfig":
+    def _length(self) -> TrainConfig:
         if self.epochs is None and self.steps is None:
             self.epochs = 1.0
         if self.epochs is not None and self.steps is not None:
@@ -202,8 +247,11 @@ def missing_trackers(report_to) -> list[str]:
     import importlib.util
 
     extra = {"tensorboard": "tensorboard", "wandb": "ortho-lora-dist[wandb]", "mlflow": "ortho-lora-dist[mlflow]"}
-    return [f"{name} is not installed (pip install '{extra[name]}')"
-            for name in report_to if importlib.util.find_spec(name) is None]
+    return [
+        f"{name} is not installed (pip install '{extra[name]}')"
+        for name in report_to
+        if importlib.util.find_spec(name) is None
+    ]
 
 
 class DistributedConfig(Strict):
@@ -232,9 +280,9 @@ class Config(Strict):
         return tasks
 
     @model_validator(mode="after")
-    def _strategy_options(self) -> "Config":
+    def _strategy_options(self) -> Config:
         """Build the strategy once (cheap): unknown options, bad values and missing solvers fail here, named."""
-        from .aggregators import make_strategy
+        from ortho_lora_dist.core.strategies import make_strategy
 
         try:
             make_strategy(self.train.strategy, self.train.strategy_options, len(self.tasks), 1)
@@ -268,18 +316,38 @@ def _model_for(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | 
 
 # Names users bring from HF Trainer / PEFT / axolotl -> ours.
 ALIASES = {
-    "learning_rate": "train.lr", "lrate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
-    "max_steps": "train.steps", "gradient_accumulation_steps": "train.gradient_accumulation",
-    "per_device_train_batch_size": "train.per_task_batch_size", "micro_batch_size": "train.per_task_batch_size",
-    "batch_size": "train.per_task_batch_size", "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
-    "save_steps": "train.checkpoint_every", "save_total_limit": "train.keep_checkpoints",
-    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "lr_scheduler_type": "train.schedule",
-    "max_grad_norm": "train.max_grad_norm", "bf16": "model.dtype: bfloat16", "fp16": "model.dtype: float16",
-    "report_to": "train.report_to", "lora_r": "lora.r",
-    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
-    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "sequence_len": "model.max_length",
-    "max_seq_length": "model.max_length", "load_in_4bit": "model.quantization: nf4", "load_in_8bit": "model.quantization: int8",
-    "seed": "train.seed", "gradient_checkpointing": "train.gradient_checkpointing", "output_dir": "output_dir",
+    "learning_rate": "train.lr",
+    "lrate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "max_steps": "train.steps",
+    "gradient_accumulation_steps": "train.gradient_accumulation",
+    "per_device_train_batch_size": "train.per_task_batch_size",
+    "micro_batch_size": "train.per_task_batch_size",
+    "batch_size": "train.per_task_batch_size",
+    "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
+    "save_steps": "train.checkpoint_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "lr_scheduler_type": "train.schedule",
+    "max_grad_norm": "train.max_grad_norm",
+    "bf16": "model.dtype: bfloat16",
+    "fp16": "model.dtype: float16",
+    "report_to": "train.report_to",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "sequence_len": "model.max_length",
+    "max_seq_length": "model.max_length",
+    "load_in_4bit": "model.quantization: nf4",
+    "load_in_8bit": "model.quantization: int8",
+    "seed": "train.seed",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "output_dir": "output_dir",
     "deepspeed": "distributed.deepspeed_config",
 }
 
@@ -289,7 +357,9 @@ def _hint(key: str, valid: list[str]) -> str:
         return f" (did you mean '{ALIASES[key]}'?)"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if not close:
-        close = [v for v in valid if v.startswith(key[:2]) and len(key) >= 2 and (key.startswith(v) or v.startswith(key))]
+        close = [
+            v for v in valid if v.startswith(key[:2]) and len(key) >= 2 and (key.startswith(v) or v.startswith(key))
+        ]
     return f" (did you mean '{close[0]}'?)" if close else (f" (valid: {', '.join(valid)})" if valid else "")
 
 
@@ -315,14 +385,18 @@ def _set(tree: dict, dotted: str, value: Any, item: str) -> None:
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override '{item}': '{here}' does not exist ('{'.'.join(parts[:i]) or 'top'}' "
-                                  f"is a list of {len(node)} entries, indices 0..{len(node) - 1})")
+                raise ConfigError(
+                    f"override '{item}': '{here}' does not exist ('{'.'.join(parts[:i]) or 'top'}' "
+                    f"is a list of {len(node)} entries, indices 0..{len(node) - 1})"
+                )
             key: Any = int(part)
         elif isinstance(node, dict):
             key = part
         else:
-            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is a value ({node!r}), not a section, "
-                              f"so it has no key '{part}'")
+            raise ConfigError(
+                f"override '{item}': '{'.'.join(parts[:i])}' is a value ({node!r}), not a section, "
+                f"so it has no key '{part}'"
+            )
         if i == len(parts) - 1:
             node[key] = value
         else:
@@ -341,7 +415,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw_bytes[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x}); save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x}); save the file as UTF-8"
+        ) from None
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -398,7 +474,7 @@ def resolve_paths(cfg: Config, base: str | Path) -> Config:
     ds = cfg.distributed.deepspeed_config
     found = _resolve(ds, base)
     if found is None and not Path(ds).is_absolute():
-        from .packaged import packaged_file
+        from ortho_lora_dist.runtime.resources import packaged_file
 
         shipped = packaged_file(ds)
         found = str(shipped) if shipped is not None else None
@@ -415,6 +491,13 @@ def validate_config(tree: dict, source: str = "config", overrides: dict[str, str
         lines = []
         for err in errors:
             loc = ".".join(str(p) for p in err["loc"])
-            item = next((v for k, v in (overrides or {}).items() if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
+            item = next(
+                (
+                    v
+                    for k, v in (overrides or {}).items()
+                    if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")
+                ),
+                None,
+            )
             lines.append(_describe(err, f"override '{item}'" if item else source))
         raise ConfigError(lines[0] if len(lines) == 1 else "\n".join(lines)) from None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install (with the test extra) and run the whole test suite.
+# Install (with the test extra), lint (ruff) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+.venv/bin/ruff check --quiet .   # lint + import order (pyproject.toml [tool.ruff]); a finding fails the run
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ortho_lora_dist import OrthoLoRA  # noqa: E402
-from ortho_lora_dist.blocks import block_grams, combine_region  # noqa: E402
-from ortho_lora_dist.order import TaskOrder  # noqa: E402
-from ortho_lora_dist.projection import combine_weights  # noqa: E402
+from ortho_lora_dist.core.blocks import block_grams, combine_region  # noqa: E402
+from ortho_lora_dist.core.order import TaskOrder  # noqa: E402
+from ortho_lora_dist.core.projection import combine_weights  # noqa: E402
 from tests.models import VOCAB, lm_task_losses, lora_llama  # noqa: E402
 
 T, ROWS, L, SEED, LR = 3, 4, 8, 7, 1e-2
@@ -39,17 +39,23 @@ def global_batch(step: int) -> list[torch.Tensor]:
 
 def local_batch(step: int, rank: int, world: int):
     per = ROWS // world
-    return torch.cat([x[rank * per : (rank + 1) * per] for x in global_batch(step)]), torch.arange(T).repeat_interleave(per)
+    return torch.cat([x[rank * per : (rank + 1) * per] for x in global_batch(step)]), torch.arange(T).repeat_interleave(
+        per
+    )
 
 
 def project_then_reduce(olr: OrthoLoRA, comm) -> torch.Tensor:
     """What a wrong implementation would hand over: project each rank's LOCAL per-task grads, then average."""
     order = TaskOrder(T, SEED).next()  # the order the real first step draws
     world = comm.world_size
-    wrong = torch.cat([
-        combine_region(olr.buffer[r], r, olr.layout, combine_weights(block_grams(olr.buffer[r], r, olr.layout, T), order))
-        for r in range(world)
-    ])
+    wrong = torch.cat(
+        [
+            combine_region(
+                olr.buffer[r], r, olr.layout, combine_weights(block_grams(olr.buffer[r], r, olr.layout, T), order)
+            )
+            for r in range(world)
+        ]
+    )
     comm.dist.all_reduce(wrong)
     return wrong / world
 
@@ -58,18 +64,23 @@ def build_engine(args, olr, model, comm, world):
     if args.engine == "deepspeed":
         import deepspeed
 
-        from ortho_lora_dist.engines.deepspeed_engine import DeepSpeedAdapter, load_ds_config
+        from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
+        from ortho_lora_dist.training.ds_config import load_ds_config
 
-        cfg = load_ds_config(args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=args.max_grad_norm, lr=LR)
+        cfg = load_ds_config(
+            args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=args.max_grad_norm, lr=LR
+        )
         opt = torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01)
         ds_engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=olr.lora_params, config=cfg)
         return DeepSpeedAdapter(olr, ds_engine)
-    from ortho_lora_dist.engines import TorchEngine
-    from ortho_lora_dist.engines.base import broadcast_trainable_
+    from ortho_lora_dist.core.engines import TorchEngine
+    from ortho_lora_dist.core.engines.base import broadcast_trainable_
 
     if comm is not None:
         broadcast_trainable_(model)
-    return TorchEngine(olr, torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01), max_grad_norm=args.max_grad_norm)
+    return TorchEngine(
+        olr, torch.optim.AdamW(olr.lora_params, lr=LR, weight_decay=0.01), max_grad_norm=args.max_grad_norm
+    )
 
 
 def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
@@ -82,12 +93,13 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
     model.train()
     lora_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if args.engine == "fsdp":
-        from ortho_lora_dist.capture import find_lora_factors
-        from ortho_lora_dist.engines.fsdp import shard_base
+        from ortho_lora_dist.core.capture import find_lora_factors
+        from ortho_lora_dist.core.engines.fsdp import shard_base
 
         shard_base(model, [lin.weight for _, _, lin in find_lora_factors(model)])
-    olr = OrthoLoRA(model, T, strategy=strategy, granularity=granularity, seed=SEED, comm=comm, reduce=reduce,
-                    bucket_mb=bucket_mb)
+    olr = OrthoLoRA(
+        model, T, strategy=strategy, granularity=granularity, seed=SEED, comm=comm, reduce=reduce, bucket_mb=bucket_mb
+    )
     init = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in lora_names}
     engine = build_engine(args, olr, model, comm, world)
     out = os.path.join(args.out, variant.replace(":", "-"))
@@ -96,7 +108,10 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
     probe = torch.randint(1, VOCAB, (2, L), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         olr.set_tasks(torch.zeros(2, dtype=torch.long))
-        save_file({"logits": model(input_ids=probe).logits.float().contiguous()}, os.path.join(out, f"forward{rank}.safetensors"))
+        save_file(
+            {"logits": model(input_ids=probe).logits.float().contiguous()},
+            os.path.join(out, f"forward{rank}.safetensors"),
+        )
 
     record: dict = {"orders": [], "peak_buffer_bytes": 0, "grad_norms": []}
     for step in range(args.steps):
@@ -141,7 +156,7 @@ def main():
     if args.engine != "single":
         import torch.distributed as dist
 
-        from ortho_lora_dist.comm import DistComm
+        from ortho_lora_dist.core.comm import DistComm
 
         if args.engine == "deepspeed":
             import deepspeed

@@ -16,8 +16,14 @@ def save_tiny_llama(path, hidden: int = 64, layers: int = 2) -> str:
 
     torch.manual_seed(1234)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return str(path)
@@ -28,8 +34,14 @@ def save_tiny_bert(path) -> str:
 
     torch.manual_seed(4321)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     BertModel(cfg).save_pretrained(path)
     return str(path)
@@ -43,7 +55,9 @@ def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int =
     q, dtype = None, torch.float32
     if quant == "nf4":
         q = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
             bnb_4bit_quant_storage=storage or torch.uint8,
         )
         dtype = storage or torch.float32  # FSDP: every frozen base tensor in the 4-bit storage dtype
@@ -51,14 +65,18 @@ def lora_llama(path, quant: str | None = None, dropout: float = 0.0, seed: int =
         q = BitsAndBytesConfig(load_in_8bit=True)
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype)
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora_kw)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora_kw
+    )
     return get_peft_model(model, cfg)
 
 
 def lm_task_losses(model, ids: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, mask: torch.Tensor | None = None):
     """Per-task mean next-token loss over the real (mask=1) tokens of each task's samples."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(
+        ids.shape[0], -1
+    )
     w = None if mask is None else mask[:, 1:].float()
     return task_mean(tok, task_ids[:, None].expand_as(tok), num_tasks, w)
 
@@ -73,7 +91,9 @@ class BertMultiHead(nn.Module):
 
         torch.manual_seed(0)
         enc = BertModel.from_pretrained(path)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout, init_lora_weights=False)
+        cfg = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout, init_lora_weights=False
+        )
         self.encoder = get_peft_model(enc, cfg)
         self.heads = nn.ModuleList(nn.Linear(enc.config.hidden_size, n) for n in num_labels)
 
@@ -113,7 +133,14 @@ def save_word_tokenizer(path, kind: str):
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
     else:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -128,11 +155,30 @@ def save_app_models(root) -> dict:
     root = __import__("pathlib").Path(root)
     torch.manual_seed(0)
     n = save_word_tokenizer(root / "bert", "bert")
-    BertModel(BertConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=64)).save_pretrained(root / "bert")
+    BertModel(
+        BertConfig(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(root / "bert")
     n = save_word_tokenizer(root / "llama", "llama")
-    LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)).save_pretrained(root / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).save_pretrained(root / "llama")
     return {"bert": str(root / "bert"), "llama": str(root / "llama")}
 
 

@@ -1,0 +1,1 @@
+"""What a run leaves behind and what reads it: the self-describing adapter, model card, predict, merge, plots."""

@@ -1,0 +1,238 @@
+"""Per-task LoRA gradients from ONE backward pass of the summed loss.
+
+Samples in a batch do not interact inside a LoRA factor, so autograd's weight gradient of a factor,
+grad_W = sum over tokens of delta^T u (delta: gradient at the factor's output, u: its input), splits
+exactly by task:  grad_W[t] = sum over tokens of samples in task t of delta^T u.  For lora_B, u = A x
+and delta carries the LoRA scaling s; for lora_A, u = dropout(x) and delta = B^T (s * dL/dh). So the
+paper's per-task gradients come out of one backward plus T small matmuls per factor.
+
+Each PEFT ``lora_A[adapter]`` / ``lora_B[adapter]`` nn.Linear gets its class swapped to
+``_TaskLinear`` (same parameters, same state dict): its forward saves its input as autograd does,
+and its backward writes the per-task weight gradients into the shared [T, P] buffer and returns no
+weight gradient, so the summed LoRA gradient is never formed (nor reduced). The weight enters the
+autograd Function detached, with a zero-size "anchor" leaf standing in as the input that requires
+grad: the LoRA parameters never appear in the backward graph of the loss, so no engine hook (DDP,
+DeepSpeed ZeRO, FSDP) fires on them during the per-task backward. Whatever runs around the
+factor (dropout, scaling, rslora, Linear4bit / Linear8bitLt base layers, checkpointing, autocast) is
+PEFT's and torch's own code, untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ortho_lora_dist.core.buffer import TaskGradBuffer
+from ortho_lora_dist.core.comm import Comm, LocalComm
+from ortho_lora_dist.core.layout import Layout, LoraFactor, build_layout
+
+# How the rows of a batch split into tasks, decided once per batch in set_tasks:
+#   ("bmm", T, n)         rows sorted by task, n rows for each of the T tasks: one batched matmul
+#   ("slice", t, lo, hi)  task t owns the contiguous rows [lo, hi): a view, no copy
+#   ("index", t, rows)    task t owns scattered rows: index_select
+Groups = list[tuple]
+
+
+def _task_groups(task_ids: torch.Tensor, num_tasks: int) -> Groups:
+    ids = task_ids.tolist()
+    n = len(ids)
+    if n % num_tasks == 0 and ids == [t for t in range(num_tasks) for _ in range(n // num_tasks)] and num_tasks > 1:
+        return [("bmm", num_tasks, n // num_tasks)]
+    starts = [0] + [i for i in range(1, n) if ids[i] != ids[i - 1]]
+    runs = [(ids[s], s, e) for s, e in zip(starts, starts[1:] + [n])]
+    if len({t for t, _, _ in runs}) == len(runs):  # every task in one contiguous run
+        return [("slice", t, s, e) for t, s, e in runs]
+    return [("index", t, (task_ids == t).nonzero().squeeze(1)) for t in sorted(set(ids))]
+
+
+class CaptureState:
+    """Task ids of the current batch and the per-task gradient buffer the factors accumulate into."""
+
+    def __init__(self, num_tasks: int, grads: TaskGradBuffer) -> None:
+        self.num_tasks = num_tasks
+        self.grads = grads
+        self.task_ids: torch.Tensor | None = None
+        self.batch = -1  # samples of the current batch (-1: set_tasks not called yet)
+        self.groups: Groups = []
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """Zero-size leaf requiring grad: puts every captured factor in the graph without its weight."""
+        a = self._anchors.get(device)
+        if a is None:
+            a = self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        return a
+
+    def set_tasks(self, task_ids: torch.Tensor) -> None:
+        """Declare the task of every sample (dim 0) of the next forward/backward."""
+        task_ids = torch.as_tensor(task_ids).reshape(-1).long()
+        if task_ids.numel() == 0:
+            raise ValueError("task_ids is empty")
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= self.num_tasks:
+            raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
+        self.groups = _task_groups(task_ids, self.num_tasks)
+        self.grads.start_micro_batch()
+        self.task_ids, self.batch = task_ids, task_ids.numel()
+
+
+def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> RuntimeError:
+    if state.task_ids is None:
+        return RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+    return RuntimeError(
+        f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the batch has "
+        f"{state.batch} samples: per-task capture needs inputs shaped [batch, ..., features]"
+    )
+
+
+def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Groups) -> None:
+    """slot[t] += g_t^T u_t, g_t / u_t: the rows of task t of the output gradient / the input, flattened to 2-D."""
+    d_in, d_out = u.shape[-1], g.shape[-1]
+    same = slot.dtype == g.dtype  # else (bf16 buffer): fp32 product, rounded once into the slot
+    for group in groups:
+        if group[0] == "bmm":  # all T tasks at once: rows sorted by task, n per task
+            T = group[1]
+            gt, ut = g.reshape(T, -1, d_out).transpose(1, 2), u.reshape(T, -1, d_in)
+            slot.baddbmm_(gt, ut) if same else slot.add_(torch.bmm(gt, ut))
+            continue
+        if group[0] == "slice":
+            _, t, lo, hi = group
+            g2, u2 = g[lo:hi].reshape(-1, d_out), u[lo:hi].reshape(-1, d_in)
+        else:
+            _, t, rows = group
+            g2, u2 = g.index_select(0, rows).reshape(-1, d_out), u.index_select(0, rows).reshape(-1, d_in)
+        slot[t].addmm_(g2.t(), u2) if same else slot[t].add_(g2.t() @ u2)
+
+
+class _TaskLinearFn(torch.autograd.Function):
+    """y = x W^T; backward: dx = dy W as usual, per-task dW[t] = dy_t^T x_t into the buffer, no summed dW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: _TaskLinear) -> torch.Tensor:
+        state = module._olr_state
+        if x.dim() < 2 or x.shape[0] != state.batch:
+            raise _bad_input(module, x, state)
+        ctx.x_dtype = x.dtype
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+        ctx.grads, ctx.index, ctx.groups = state.grads, module._olr_index, state.groups
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w = ctx.saved_tensors
+        if grad_out.dtype != w.dtype:
+            grad_out = grad_out.to(w.dtype)
+        grads, index = ctx.grads, ctx.index
+        _accumulate(grads.slot(index), grad_out, x, ctx.groups)
+        grads.factor_done(index)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_x = grad_out @ w
+        return (grad_x if grad_x.dtype == ctx.x_dtype else grad_x.to(ctx.x_dtype)), None, None, None
+
+
+class _TaskLinear(nn.Linear):
+    """nn.Linear whose weight gradient is captured per task (class swapped in place, see install)."""
+
+    _olr_state: CaptureState
+    _olr_factor: LoraFactor
+    _olr_index: int
+    _olr_name: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight)
+        return _TaskLinearFn.apply(x, self.weight.detach(), self._olr_state.anchor(x.device), self)
+
+
+def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
+    """(layer_name, 'A'|'B', linear) for every trainable LoRA factor, refusing what capture can't do exactly."""
+    found: list[tuple[str, str, nn.Linear]] = []
+    for name, layer in _peft_lora_layers(model):
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                if adapter in getattr(layer, "lora_embedding_A", {}):
+                    raise ValueError(
+                        f"LoRA layer {name!r} adapts an embedding; Ortho-LoRA's one-backward capture supports "
+                        "LoRA on linear layers only: remove it from target_modules"
+                    )
+                continue
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            if not a.weight.requires_grad:
+                continue
+            if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+                variant = type(layer.lora_variant.get(adapter)).__name__ if adapter in layer.lora_variant else "DoRA"
+                raise ValueError(
+                    f"LoRA layer {name!r} uses the variant {variant}; per-task gradients are exact only for "
+                    "vanilla LoRA (use_dora=False and no other variant)"
+                )
+            for factor, lin in (("A", a), ("B", b)):
+                if type(lin) not in (nn.Linear, _TaskLinear):
+                    raise ValueError(f"LoRA layer {name!r}: lora_{factor} is a {type(lin).__name__}, not nn.Linear")
+                if lin.bias is not None:
+                    raise ValueError(f"LoRA layer {name!r}: lora_{factor} has a bias (lora_bias=True is unsupported)")
+                found.append((name, factor, lin))
+    return found
+
+
+class TaskGradCapture:
+    """Installs per-task gradient capture on every LoRA factor of a PEFT model.
+
+    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave the per-task LoRA gradients
+    (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_tasks: int,
+        granularity: str = "factor",
+        comm: Comm | None = None,
+        policy: str = "step",
+        bucket_mb: float = 25.0,
+        buffer_dtype: str = "float32",
+    ) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        comm = comm or LocalComm()
+        self.layout: Layout = build_layout(find_lora_factors(model), granularity, comm.world_size)
+        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, policy, bucket_mb, buffer_dtype)
+        self.state = CaptureState(num_tasks, self.grads)
+        self.install()
+
+    @property
+    def num_tasks(self) -> int:
+        return self.state.num_tasks
+
+    def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
+        self.state.set_tasks(torch.as_tensor(task_ids))
+
+    def install(self) -> None:
+        for i, f in enumerate(self.layout.factors):
+            f.module.__class__ = _TaskLinear
+            f.module._olr_state = self.state
+            f.module._olr_factor = f
+            f.module._olr_index = i
+            f.module._olr_name = f.name
+
+    def remove(self) -> None:
+        """Give the factors back their plain nn.Linear class."""
+        for f in self.layout.factors:
+            f.module.__class__ = nn.Linear
+            for attr in ("_olr_state", "_olr_factor", "_olr_index", "_olr_name"):
+                f.module.__dict__.pop(attr, None)

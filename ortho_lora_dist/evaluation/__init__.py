@@ -1,0 +1,1 @@
+"""Evaluation: metrics, per-task scores and losses across ranks, the report tables."""

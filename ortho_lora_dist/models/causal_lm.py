@@ -1,0 +1,187 @@
+"""Shared LoRA causal LM (Llama, Mistral, Qwen...): tasks as prompt -> answer text, loss on the answer tokens only;
+classification by scoring each label's verbalizer, generation tasks by greedy decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ortho_lora_dist.config import Config
+from ortho_lora_dist.core.losses import task_mean, task_sum
+from ortho_lora_dist.data.loading import DataError, TaskData
+from ortho_lora_dist.data.prompts import prompt_ids
+from ortho_lora_dist.models.generation import answer, generate
+from ortho_lora_dist.models.loading import DTYPES, attach_lora, placement, quantization
+from ortho_lora_dist.models.prompts import Prompts
+from ortho_lora_dist.runtime.hub import resolve_model_path
+
+
+def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> None:
+    """A chat task needs the tokenizer's chat template: refuse (DataError, exit 2) naming the task and key."""
+    for i, t in enumerate(tasks):
+        if getattr(t.config, "format", "text") == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                f"task {t.name!r} (tasks.{i}.format: chat): the tokenizer of {model_name} has no chat template "
+                "(tokenizer_config.json 'chat_template' / chat_template.jinja) to render its messages: use a chat or "
+                "instruct model, give the tokenizer a template, or use format alpaca or text"
+            )
+
+
+class CausalLMMultiTask(nn.Module):
+    """Shared LoRA causal LM: tasks as prompt -> answer text, loss on the answer tokens only."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        tasks: list[TaskData],
+        tokenizer,
+        quant_storage: torch.dtype | None = None,
+        adapter_dir: str | Path | None = None,
+    ):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        check_chat_template(tasks, tokenizer, cfg.model.name_or_path)  # before the (large) model loads
+        path = resolve_model_path(cfg.model.name_or_path)
+        base = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=DTYPES[cfg.model.dtype],
+            quantization_config=quantization(cfg.model, quant_storage),
+            trust_remote_code=cfg.model.trust_remote_code,
+            **placement(cfg.model),
+        )
+        self.model = attach_lora(base, cfg, adapter_dir)
+        self.tasks, self.tokenizer, self.max_length = tasks, tokenizer, cfg.model.max_length
+        self.prompts = Prompts(tokenizer, tasks)
+        for t in tasks:
+            if t.config.type == "regression":
+                raise ValueError(f"task {t.name!r}: regression needs model.kind: encoder-classification")
+            if t.config.type == "classification" and not t.config.label_words:
+                raise ValueError(f"task {t.name!r}: a classification task on a causal LM needs label_words")
+
+    @property
+    def peft_model(self):
+        return self.model
+
+    def task_params(self) -> dict[int, list[nn.Parameter]]:
+        return {}
+
+    def _encode(
+        self,
+        prompts: list[str],
+        answers: list[str],
+        eos: list[bool] | None = None,
+        prompt_loss: list[bool] | None = None,
+    ) -> dict:
+        """Token ids, mask and labels: prompt + answer (+ EOS); labels -100 on the prompt unless ``prompt_loss``."""
+        tok, ids, labels = self.tokenizer, [], []
+        eos = eos or [True] * len(prompts)
+        prompt_loss = prompt_loss or [False] * len(prompts)
+        for p, a, e, pl in zip(prompts, answers, eos, prompt_loss):
+            a_ids = tok(a, add_special_tokens=False)["input_ids"] + (
+                [tok.eos_token_id] if e and tok.eos_token_id is not None else []
+            )
+            p_ids = prompt_ids(tok, p, max(1, self.max_length - len(a_ids)), self.max_length)  # cut from the left
+            ids.append(p_ids + a_ids)
+            labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
+        width = max(map(len, ids))
+        pad = tok.pad_token_id
+        return {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+        }
+
+    def collate(self, records: list[dict], task_ids: list[int]) -> dict:
+        P = self.prompts
+        rendered = [P.render(t, r["messages"], True) if P.is_chat(t) else None for t, r in zip(task_ids, records)]
+        prompts = [P.prompt(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
+        targets = [P.target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]  # each prompt rendered once
+        enc = self._encode(
+            prompts,
+            [a for a, _ in targets],
+            [e for _, e in targets],
+            [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids],
+        )
+        return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
+
+    def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        target = batch["labels"][:, 1:].to(logits.device)
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none"
+        )
+        return loss.view(target.shape), (target != -100).float()
+
+    def task_losses(self, batch: dict) -> torch.Tensor:
+        loss, mask = self._token_losses(batch)
+        tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
+        return task_mean(loss, tids, len(self.tasks), mask)
+
+    def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` (default all): token-weighted."""
+        loss, mask = self._token_losses(batch)
+        if keep is not None:
+            mask = mask * keep.to(mask.device, mask.dtype)[:, None]
+        loss = torch.where(
+            mask > 0, loss, torch.zeros_like(loss)
+        )  # a non-finite loss on a pad/prompt token never leaks in
+        tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
+        return task_sum(loss, tids, len(self.tasks), mask)
+
+    @torch.no_grad()
+    def predict(self, batch: dict, return_text: bool = False) -> list:
+        """Per sample: the label index (classification: every label's verbalizer scored, all samples and labels in
+        ONE forward) or the extracted, normalised answer (generation: one left-padded greedy batch per task; see
+        generation.py). None for a non-finite score. ``return_text``: (prediction, generated text or None) pairs.
+        """
+        task_ids, records = batch["task_ids"].tolist(), batch["records"]
+        preds: list = [None] * len(records)
+        texts: list = [None] * len(records)
+        scored = [i for i, t in enumerate(task_ids) if self.tasks[t].config.type == "classification"]
+        if scored:  # every (sample, label word) pair as one row: sum of the answer tokens' losses, lowest wins
+            prompts, words = [], []
+            for i in scored:
+                task = self.tasks[task_ids[i]]
+                prompt = self.prompts.prompt(task_ids[i], records[i])
+                for label in task.labels:
+                    prompts.append(prompt)
+                    words.append(task.config.label_words[label])
+            enc = self._encode(prompts, words)
+            loss, mask = self._token_losses({k: v.to(self.device) for k, v in enc.items()})
+            scores = (loss * mask).sum(1).tolist()
+            k = 0
+            for i in scored:
+                n = len(self.tasks[task_ids[i]].labels)
+                mine = torch.tensor(scores[k : k + n])
+                preds[i] = int(mine.argmin()) if bool(torch.isfinite(mine).all()) else None
+                k += n
+        synced = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+        for t in sorted({t for t in task_ids if self.tasks[t].config.type == "generation"}):
+            rows = [i for i, x in enumerate(task_ids) if x == t]
+            cfg = self.tasks[t].config
+            out = generate(
+                self.model,
+                self.tokenizer,
+                [self.prompts.prompt(t, records[i]) for i in rows],
+                self.max_length,
+                cfg.generation.max_new_tokens,
+                cfg.generation.stop,
+                self.device,
+                synced,
+            )
+            for i, text in zip(rows, out):
+                preds[i], texts[i] = answer(cfg, text), text
+        return list(zip(preds, texts)) if return_text else preds
+
+    @property
+    def device(self) -> torch.device:
+        trainable = next((p for p in self.parameters() if p.requires_grad), None)  # none in a loaded, frozen adapter
+        return (trainable if trainable is not None else next(self.parameters())).device

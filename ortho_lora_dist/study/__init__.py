@@ -1,0 +1,1 @@
+"""Study tools: paired multi-seed comparisons of the multi-task strategies."""

@@ -1,0 +1,322 @@
+"""``ortho-lora compare``: single-task vs joint vs multi-task rules, over seeds, with paired statistics.
+
+Every method runs with the same config, budget (optimizer steps), data order and seeds; only the
+gradient combination (or, for ``lossweights``, the static task weights) differs. Single-task trains one
+adapter per task with that task alone, for the same number of steps. Choices are made on the validation
+split; the table reports the test split when the tasks have one. Finished runs (finished.json present)
+are not redone, so an interrupted comparison resumes where it stopped. Runs are interleaved (for each
+seed, every method in turn), so machine noise spreads over all methods alike.
+
+Methods: ``single``, ``joint``, ``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global
+granularity = flat PCGrad with one order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``,
+``norm_balance-factor``; a bare strategy name means ``-global``), and ``lossweights``: joint training
+with static per-task loss weights chosen on validation (seed 0) from the grid {all 1} U {task t x3, others 1}.
+
+Reported per method: per-task metric mean and 95% CI across seeds (Student t), their average, the gap
+recovery (method - joint) / (single - joint), the paired difference of the average vs joint per seed with
+its 95% CI and the count of positive seeds, the validation average, leverage telemetry (mean relative
+change of the update vs joint, mean cos(combined, joint), fraction of task-steps with a negative first-order
+gain), the conflict rate, and seconds per step relative to joint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ortho_lora_dist.config import Config
+
+FIXED = {
+    "single": {},
+    "joint": {"strategy": "joint"},
+    "ortho-factor": {"strategy": "ortho", "granularity": "factor"},
+    "ortho-module": {"strategy": "ortho", "granularity": "module"},
+    "pcgrad-global": {"strategy": "ortho", "granularity": "global"},
+    "lossweights": {"strategy": "joint"},
+}
+DEFAULT_METHODS = (
+    "single",
+    "joint",
+    "ortho-factor",
+    "norm_balance-global",
+    "norm_balance-factor",
+    "upgrad-global",
+    "imtl_g-global",
+    "cagrad-global",
+    "mgda-global",
+    "lossweights",
+)
+LOSS_WEIGHT_FACTOR = 3.0
+
+
+def method_settings(method: str) -> dict:
+    """train.* settings of a method name; ValueError naming the valid forms."""
+    if method in FIXED:
+        return dict(FIXED[method])
+    from ortho_lora_dist.core.strategies import STRATEGIES
+
+    name, _, gran = method.rpartition("-")
+    if gran not in ("factor", "module", "global"):
+        name, gran = method, "global"
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown method {method!r}: use one of {sorted(FIXED)} or STRATEGY[-factor|-module|-global] "
+            f"with STRATEGY in {list(STRATEGIES)}"
+        )
+    return {"strategy": name, "granularity": gran}
+
+
+def _variant(cfg: Config, method: str, seed: int, out: Path, task: int | None = None, loss_weights=None) -> Config:
+    tree = cfg.model_dump()
+    tree["train"].update(method_settings(method), seed=seed, plots=False)
+    if task is not None:
+        tree["tasks"] = [tree["tasks"][task]]
+    if loss_weights is not None:
+        for t, w in zip(tree["tasks"], loss_weights):
+            t["loss_weight"] = w
+    tree["output_dir"] = str(out)
+    return Config.model_validate(tree)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+class CompareInterrupted(RuntimeError):
+    """A stop signal reached one of the runs: it checkpointed; the same command resumes the comparison."""
+
+
+def _run(cfg: Config) -> dict:
+    from ortho_lora_dist.training.recipe import Trainer
+
+    out = Path(cfg.output_dir)
+    if not (out / "finished.json").is_file():
+        result = Trainer(cfg, resume=True).train()
+        if result.get("interrupted"):
+            raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in records if "loss" in r]
+    ev = json.loads((out / "eval.json").read_text())
+    split = "test" if "test" in ev else "validation"
+    gains = [g for r in steps for g in r.get("gain", {}).values() if g is not None]
+    return {
+        "metrics": {k: v for k, v in ev[split].items() if k != "average"},
+        "validation": {k: v for k, v in ev.get("validation", {}).items() if k != "average"},
+        "split": split,
+        "seconds_per_step": _mean([r["seconds_per_step"] for r in steps]),
+        "conflict_rate": _mean([r.get("conflict_rate/all", 0.0) for r in steps]),
+        "change": _mean([r.get("leverage/change") for r in steps if "leverage/change" in r]),
+        "cos_joint": _mean([r.get("leverage/cos_joint") for r in steps if "leverage/cos_joint" in r]),
+        "negative_gain": (sum(g < 0 for g in gains) / len(gains)) if gains else float("nan"),
+    }
+
+
+def _ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (0 for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def _avg(metrics: dict, names: list[str]) -> float:
+    return sum(metrics[n] for n in names) / len(names)
+
+
+def _choose_loss_weights(cfg: Config, out: Path, names: list[str]) -> dict:
+    """The grid {all 1} U {task t x LOSS_WEIGHT_FACTOR}, each trained at seed 0; the best validation average wins."""
+    grid = [[1.0] * len(names)] + [
+        [LOSS_WEIGHT_FACTOR if i == t else 1.0 for i in range(len(names))] for t in range(len(names))
+    ]
+    scores = []
+    for w in grid:
+        tag = "uniform" if all(x == 1.0 for x in w) else f"x{LOSS_WEIGHT_FACTOR:g}-{names[w.index(LOSS_WEIGHT_FACTOR)]}"
+        where = out / "runs" / "joint" / "seed0" if tag == "uniform" else out / "runs" / "lossweights-grid" / tag
+        r = _run(_variant(cfg, "joint", 0, where, loss_weights=w))
+        scores.append({"weights": dict(zip(names, w)), "tag": tag, "validation_average": _avg(r["validation"], names)})
+    best = max(scores, key=lambda x: x["validation_average"])
+    return {"grid": scores, "chosen": best}
+
+
+def compare(cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | None = None) -> dict:
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        method_settings(m)  # refuse unknown names before any run
+    out = Path(out_dir)
+    names = [t.name for t in cfg.tasks]
+    tuned = None
+    if "lossweights" in methods:
+        tuned = _choose_loss_weights(cfg, out, names)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in range(seeds):
+        for m in methods:
+            if m == "single":
+                parts = [
+                    _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}" / n, t)) for t, n in enumerate(names)
+                ]
+                runs[m].append(
+                    {
+                        "metrics": {k: v for p in parts for k, v in p["metrics"].items()},
+                        "split": parts[0]["split"],
+                        "validation": {k: v for p in parts for k, v in p["validation"].items()},
+                        "seconds_per_step": sum(p["seconds_per_step"] for p in parts),
+                        "conflict_rate": float("nan"),
+                        "change": float("nan"),
+                        "cos_joint": float("nan"),
+                        "negative_gain": float("nan"),
+                    }
+                )
+            elif m == "lossweights":
+                w = [tuned["chosen"]["weights"][n] for n in names]
+                where = (
+                    out
+                    / "runs"
+                    / ("joint" if tuned["chosen"]["tag"] == "uniform" else f"lossweights-{tuned['chosen']['tag']}")
+                    / f"seed{seed}"
+                )
+                if seed == 0 and tuned["chosen"]["tag"] != "uniform":
+                    where = out / "runs" / "lossweights-grid" / tuned["chosen"]["tag"]
+                runs[m].append(_run(_variant(cfg, "joint", seed, where, loss_weights=w)))
+            else:
+                runs[m].append(_run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}")))
+    summary: dict = {"seeds": seeds, "split": runs[methods[0]][0]["split"], "tasks": names, "methods": {}}
+    if tuned:
+        summary["lossweights"] = tuned
+    joint_time = _mean([r["seconds_per_step"] for r in runs["joint"]]) if "joint" in runs else None
+    for m in methods:
+        per_task = {n: _ci95([r["metrics"][n] for r in runs[m]]) for n in names}
+        avg = _ci95([_avg(r["metrics"], names) for r in runs[m]])
+        entry = {
+            "per_task": {n: {"mean": v[0], "ci95": v[1]} for n, v in per_task.items()},
+            "average": {"mean": avg[0], "ci95": avg[1]},
+            "validation_average": _mean([_avg(r["validation"], names) for r in runs[m] if r["validation"]]),
+            **{
+                k: _mean([r[k] for r in runs[m]])
+                for k in ("conflict_rate", "change", "cos_joint", "negative_gain", "seconds_per_step")
+            },
+        }
+        if joint_time:
+            entry["time_vs_joint"] = entry["seconds_per_step"] / joint_time
+        if "joint" in runs and m != "joint":
+            diffs = [_avg(a["metrics"], names) - _avg(b["metrics"], names) for a, b in zip(runs[m], runs["joint"])]
+            mean, half = _ci95(diffs)
+            entry["paired_vs_joint"] = {
+                "per_seed": diffs,
+                "mean": mean,
+                "ci95": half,
+                "positive": sum(d > 0 for d in diffs),
+            }
+        summary["methods"][m] = entry
+    if "single" in runs and "joint" in runs:
+        s, j = summary["methods"]["single"], summary["methods"]["joint"]
+        for m in methods:
+            if m in ("single", "joint"):
+                continue
+            e = summary["methods"][m]
+            rec = {}
+            for n in names:
+                gap = s["per_task"][n]["mean"] - j["per_task"][n]["mean"]
+                rec[n] = (
+                    (e["per_task"][n]["mean"] - j["per_task"][n]["mean"]) / gap if abs(gap) > 1e-12 else float("nan")
+                )
+            gap = s["average"]["mean"] - j["average"]["mean"]
+            rec["average"] = (e["average"]["mean"] - j["average"]["mean"]) / gap if abs(gap) > 1e-12 else float("nan")
+            e["gap_recovery"] = rec
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    (out / "compare.md").write_text(to_markdown(summary))
+    plot(summary, out / "compare.png")
+    return summary
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def to_markdown(summary: dict) -> str:
+    names = summary["tasks"]
+    cols = [
+        *names,
+        "average",
+        "paired diff vs joint (95% CI, seeds > 0)",
+        "gap recovered",
+        "validation avg",
+        "change vs joint",
+        "cos(joint)",
+        "neg. gain",
+        "time / joint",
+    ]
+    head = "| method | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
+    rows = []
+    for m, e in summary["methods"].items():
+        cells = [f"{100 * e['per_task'][n]['mean']:.1f} ± {100 * e['per_task'][n]['ci95']:.1f}" for n in names]
+        cells.append(f"{100 * e['average']['mean']:.2f} ± {100 * e['average']['ci95']:.2f}")
+        p = e.get("paired_vs_joint")
+        cells.append(
+            f"{100 * p['mean']:+.2f} ({100 * (p['mean'] - p['ci95']):+.2f}, {100 * (p['mean'] + p['ci95']):+.2f}), "
+            f"{p['positive']}/{len(p['per_seed'])}"
+            if p
+            else "-"
+        )
+        cells.append(_pct(e.get("gap_recovery", {}).get("average")))
+        cells.append(
+            _num(100 * e["validation_average"] if e["validation_average"] == e["validation_average"] else None, ".2f")
+        )
+        cells += [
+            _num(e["change"]),
+            _num(e["cos_joint"]),
+            _pct(e["negative_gain"]),
+            f"{e['time_vs_joint']:.2f}x" if "time_vs_joint" in e else "-",
+        ]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    note = (
+        f"\n{summary['seeds']} seeds; metrics x100, mean ± 95% CI (Student t) on the {summary['split']} split; "
+        "paired diff = per-seed (method - joint) of the average; neg. gain = share of task-steps whose "
+        "first-order gain g_t . combined was < 0.\n"
+    )
+    if "lossweights" in summary:
+        lw = summary["lossweights"]
+        note += (
+            "\nlossweights grid (seed 0, validation average): "
+            + ", ".join(f"{g['tag']} {100 * g['validation_average']:.2f}" for g in lw["grid"])
+            + f"; chosen: {lw['chosen']['tag']}.\n"
+        )
+    return head + "\n".join(rows) + "\n" + note
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = summary["tasks"] + ["average"]
+    methods = list(summary["methods"])
+    x = np.arange(len(names))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names)), 4))
+    for i, m in enumerate(methods):
+        e = summary["methods"][m]
+        means = [e["per_task"][n]["mean"] for n in summary["tasks"]] + [e["average"]["mean"]]
+        errs = [e["per_task"][n]["ci95"] for n in summary["tasks"]] + [e["average"]["ci95"]]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=m)
+    ax.set_xticks(x, names)
+    lo = min(summary["methods"][m]["per_task"][n]["mean"] for m in methods for n in summary["tasks"])
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_ylabel(f"{summary['split']} metric")
+    ax.set_title(f"Per-task metric, {summary['seeds']} seeds (95% CI)")
+    ax.legend(fontsize=8, ncol=len(methods))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

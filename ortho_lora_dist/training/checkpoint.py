@@ -1,0 +1,187 @@
+"""Checkpoints: ``checkpoints/step-N/`` written atomically (temp dir + rename), resumed from the newest
+one whose files all match the SHA-256 checksums recorded in its manifest.
+
+  adapter/               PEFT adapter (PeftModel.from_pretrained loads it) + heads.safetensors (keyed by task name)
+  optimizer.pt           optimizer + scheduler (+ strategy) state (torch engines; DeepSpeed writes deepspeed/)
+  rng{rank}.safetensors  torch RNG state and the task-order generator state of each rank
+  trainer_state.json     written last: step, sampler positions, skip counters, config, world size and
+                         ``files`` = {relative path: sha256} of every other file of the checkpoint
+
+Loading: tensors from safetensors, JSON, and optimizer.pt with ``torch.load(weights_only=True)``. DeepSpeed's
+own loader unpickles (``torch.load(weights_only=False)``): its files are only handed to it after their
+checksums matched the manifest, i.e. only files this run's checkpointing wrote are ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ortho_lora_dist.runtime import run_files as rf
+from ortho_lora_dist.runtime.distributed import DistInfo, broadcast_object
+from ortho_lora_dist.runtime.fsutil import replace_dir
+
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"  # the replicated engine state (Engine.state_dict) and OrthoLoRA's
+log = logging.getLogger("ortho_lora_dist")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: names the file that failed verification."""
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (trainer_state.json present), oldest first."""
+    root = Path(output_dir) / rf.CHECKPOINTS
+    found = (
+        [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / STATE).is_file()]
+        if root.is_dir()
+        else []
+    )
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def staging_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / rf.CHECKPOINTS / f".step-{step}.tmp"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(ckpt: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``ckpt`` except trainer_state.json."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != STATE)
+    return {str(p.relative_to(ckpt)): sha256(p) for p in files}
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file listed in the manifest exists with its checksum; else the first bad file's description."""
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{ckpt / STATE} is unreadable ({e})"
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{ckpt / STATE} has no file checksums (written by an older version or truncated)"
+    for rel, digest in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256(path) != digest:
+            return f"{path} does not match its checksum (corrupt or truncated)"
+    return None
+
+
+def newest_valid(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; warns about each newer one that does not.
+
+    None when there is no checkpoint at all; CheckpointError when there are some but none verifies.
+    """
+    found = checkpoint_dirs(output_dir)
+    problems = []
+    for ckpt in reversed(found):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        problems.append(problem)
+        log.warning("checkpoint %s is not usable: %s; trying an older one", ckpt.name, problem)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint under {Path(output_dir) / 'checkpoints'}: " + "; ".join(problems))
+    return None
+
+
+def rng_file(rank: int) -> str:
+    return f"rng{rank}.safetensors"
+
+
+def pick_checkpoint(output_dir: Path, info: DistInfo) -> Path | None:
+    """Rank 0 picks the newest checkpoint whose checksums verify (CheckpointError if none does); every rank gets it."""
+    found, error = None, None
+    if info.main:
+        try:
+            found = newest_valid(output_dir)
+        except CheckpointError as e:
+            error = str(e)
+    found, error = broadcast_object(info, (found, error))
+    if error:
+        raise CheckpointError(error)
+    return found
+
+
+def save_rng(path: Path, order_state: torch.Tensor) -> None:
+    save_file({"torch": torch.get_rng_state(), "order": order_state.contiguous()}, str(path))
+
+
+def load_rng(path: Path) -> torch.Tensor:
+    state = load_file(str(path))
+    torch.set_rng_state(state["torch"])
+    return state["order"]
+
+
+def restore_rng(ckpt: Path, rank: int) -> torch.Tensor:
+    """This rank's torch RNG restored; returns the task-order generator's state.
+
+    More ranks than the checkpoint had: the task order is the same on every rank (rank 0's); the torch stream
+    (dropout masks) is left as it is, so new ranks draw new masks.
+    """
+    mine = ckpt / rng_file(rank)
+    if mine.is_file():
+        return load_rng(mine)
+    torch_rng = torch.get_rng_state()
+    order = load_rng(ckpt / rng_file(0))
+    torch.set_rng_state(torch_rng)
+    return order
+
+
+def write_state(tmp: Path, state: dict) -> None:
+    """Write trainer_state.json last, with the checksums of everything else in the staging dir."""
+    state = {**state, "files": manifest(tmp)}
+    path = tmp / STATE
+    path.write_text(json.dumps(state, indent=1))
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, step: int, keep: int = 0, protect: Path | None = None) -> Path:
+    """Rename the staging dir to checkpoints/step-N (atomic on one file system), then keep the newest
+    ``keep`` checkpoints (0: all). ``protect`` (the checkpoint a run resumed from) is never deleted."""
+    final = tmp.parent / f"step-{step}"
+    replace_dir(tmp, final)
+    if keep:
+        for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
+            if protect is None or old.resolve() != protect.resolve():
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_torch_state(path: Path, state: dict) -> None:
+    torch.save(state, path)
+
+
+def load_torch_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,76 @@
+"""From the config to the step and the engine: OrthoLoRA's options, the optimizer(s), the scheduler(s), the adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ortho_lora_dist.config import Config
+from ortho_lora_dist.core.engines.base import Engine, TorchEngine, broadcast_trainable_
+from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
+from ortho_lora_dist.core.step import OrthoLoRA
+from ortho_lora_dist.runtime.distributed import DistInfo
+from ortho_lora_dist.training.ds_config import load_ds_config
+
+
+def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo) -> OrthoLoRA:
+    """The step: strategy, granularity, capture mode and reduction of ``train``; norm_balance's default preferences."""
+    tc = cfg.train
+    reduce = tc.reduce if tc.reduce != "auto" else ("eager" if info.world > 1 else "step")
+    options = dict(tc.strategy_options)
+    if tc.strategy == "norm_balance" and "pref_vector" not in options:  # loss weights = target norm shares
+        # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)
+        options["pref_vector"] = [t.loss_weight if t.loss_weight > 0 else 1.0 for t in cfg.tasks]
+    return OrthoLoRA(
+        model,
+        len(cfg.tasks),
+        strategy=tc.strategy,
+        strategy_options=options,
+        granularity=tc.granularity,
+        seed=tc.seed,
+        mode=tc.mode,
+        task_params=model.task_params(),
+        comm=info.comm,
+        reduce=reduce,
+        bucket_mb=tc.bucket_mb,
+        buffer_dtype=tc.buffer_dtype,
+    )
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def build_engine(
+    cfg: Config, model: nn.Module, olr: OrthoLoRA, info: DistInfo, total_steps: int, micro_batch: int
+) -> Engine:
+    """The optimizer(s), scheduler(s) and engine adapter for ``distributed.engine``."""
+    tc = cfg.train
+    heads = olr.head_params()
+    if cfg.distributed.engine == "deepspeed":
+        import deepspeed
+
+        ds_cfg = load_ds_config(
+            cfg.distributed.deepspeed_config,
+            micro_batch=micro_batch,
+            world_size=info.world,
+            grad_clip=tc.max_grad_norm,
+            lr=tc.lr,
+            bf16=cfg.model.dtype == "bfloat16",
+        )
+        opt = torch.optim.AdamW(olr.lora_params, lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = make_scheduler(cfg, opt, total_steps)
+        ds_engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt, model_parameters=olr.lora_params, config=ds_cfg
+        )
+        head_opt = torch.optim.AdamW(heads, lr=tc.lr, weight_decay=tc.weight_decay) if heads else None
+        head_sched = make_scheduler(cfg, head_opt, total_steps) if head_opt else None
+        return DeepSpeedAdapter(olr, ds_engine, sched, head_opt, head_sched, tc.max_grad_norm)
+    if info.world > 1:
+        broadcast_trainable_(model)
+    opt = torch.optim.AdamW(olr.lora_params + heads, lr=tc.lr, weight_decay=tc.weight_decay)
+    return TorchEngine(olr, opt, make_scheduler(cfg, opt, total_steps), tc.max_grad_norm)

@@ -1,0 +1,76 @@
+"""The records a run logs (metrics.jsonl, conflicts.jsonl, the trackers): one per log step, one per evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from ortho_lora_dist.core.diagnostics import leverage, pair_cosines
+from ortho_lora_dist.core.step import StepResult
+from ortho_lora_dist.evaluation.evaluate import EvalResult
+
+
+def _rounded(names: list[str], values, digits: int = 6) -> dict:
+    return dict(zip(names, [round(float(x), digits) for x in values]))
+
+
+def block_summary(result: StepResult, kinds: list[str]) -> dict:
+    """Conflict rate and mean pairwise cosine per block group: lora_A blocks, lora_B blocks, all."""
+    out = {}
+    groups = {"A": [i for i, k in enumerate(kinds) if k == "A"], "B": [i for i, k in enumerate(kinds) if k == "B"]}
+    groups["all"] = list(range(len(kinds)))
+    for name, idx in groups.items():
+        if idx:
+            sel = torch.tensor(idx)
+            out[f"conflict_rate/{name}"] = float(result.conflict_rate[sel].mean())
+            out[f"cosine/{name}"] = float(result.mean_cosine[sel].mean())
+    return out
+
+
+def step_record(
+    step: int,
+    names: list[str],
+    losses: torch.Tensor,
+    result: StepResult,
+    *,
+    lr: float,
+    grad_norm: float,
+    kinds: list[str],
+    skipped_total: int,
+    seconds_per_step: float,
+) -> tuple[dict, dict]:
+    """(the metrics.jsonl record, the conflicts.jsonl record) of a log step; ``losses``: per task, mean over ranks."""
+    record = {
+        "step": step,
+        "loss": _rounded(names, losses.tolist()),
+        "lr": lr,
+        "grad_norm": _rounded(names, result.task_grad_norms.tolist()),
+        "combined_grad_norm": round(grad_norm, 6),
+        **{k: round(v, 6) for k, v in block_summary(result, kinds).items()},
+        "skipped_steps": skipped_total,
+        "seconds_per_step": round(seconds_per_step, 4),
+    }
+    if not result.skipped:
+        lev = leverage(result.grams, result.weights)
+        record.update(
+            {
+                "leverage/change": round(lev["change"], 6),
+                "leverage/cos_joint": round(lev["cos_joint"], 6),
+                "gain": _rounded(names, lev["gain"]),
+                "share": _rounded(names, lev["share"]),
+            }
+        )
+    blocks = {"conflict": [round(x, 4) for x in result.conflict_rate.tolist()]}
+    if not result.skipped and len(names) > 1:
+        blocks["cos_pairs"] = [[round(x, 3) for x in row] for row in pair_cosines(result.grams).tolist()]
+    return record, blocks
+
+
+def eval_record(step: int, result: EvalResult | None) -> dict | None:
+    """``eval`` (metrics), ``eval_loss`` and ``eval_ppl`` (causal LM) per task; None when there is nothing to log."""
+    if result is None or not (result.metrics or result.loss):
+        return None
+    record: dict = {"step": step, "eval": result.metrics}
+    for key, values in (("eval_loss", result.loss), ("eval_ppl", result.perplexity)):
+        if values:
+            record[key] = {k: None if v is None else round(v, 6) for k, v in values.items()}
+    return record

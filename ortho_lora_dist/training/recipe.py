@@ -1,0 +1,293 @@
+"""The training recipe: config -> data -> process group -> model -> Ortho-LoRA step -> engine -> loop.
+
+One optimizer step (``train_step``): for each of ``gradient_accumulation`` micro-batches (one batch of EVERY
+task), forward, per-task losses, one backward (per-task LoRA gradients captured); then reduce per task across
+ranks, combine (Gram -> weights -> combined), hand to the engine, step. Read top to bottom:
+setup -> train -> train_step -> evaluate -> save_checkpoint / load_checkpoint -> finalize -> cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+
+import torch
+import yaml
+
+from ortho_lora_dist.artifacts.adapter import load_adapter_weights
+from ortho_lora_dist.artifacts.card import write_model_card
+from ortho_lora_dist.artifacts.plots import plot_run
+from ortho_lora_dist.artifacts.write import save_adapter
+from ortho_lora_dist.config import Config
+from ortho_lora_dist.core.step import StepResult
+from ortho_lora_dist.data.loading import load_tasks
+from ortho_lora_dist.data.sampling import MultiTaskSampler
+from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
+from ortho_lora_dist.evaluation.report import eval_report, print_table
+from ortho_lora_dist.models.build import load_run_model
+from ortho_lora_dist.models.placement import to_device
+from ortho_lora_dist.runtime import distributed as dist
+from ortho_lora_dist.runtime import run_files as rf
+from ortho_lora_dist.runtime.progress import progress
+from ortho_lora_dist.runtime.signals import StopSignals
+from ortho_lora_dist.training import checkpoint as ckpt
+from ortho_lora_dist.training.engine_setup import build_engine, build_ortho_lora
+from ortho_lora_dist.training.log_record import eval_record, step_record
+from ortho_lora_dist.training.resume import check_engine_resume, check_resume
+from ortho_lora_dist.training.run_dir import RunDir
+from ortho_lora_dist.training.state import TrainingFailed, TrainState
+from ortho_lora_dist.training.telemetry import Telemetry
+
+log = logging.getLogger("ortho_lora_dist")
+
+
+class Trainer:
+    """One training run of ``cfg`` into ``cfg.output_dir``; ``resume``: continue from its newest valid checkpoint."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg, self.telemetry, self.run = cfg, None, RunDir(cfg.output_dir)
+        self.stop = StopSignals()
+        self.stop.install()  # while loading, a stop signal leaves at once: nothing is written yet
+        try:
+            self.setup(resume)
+        except BaseException:
+            self.cleanup()
+            raise
+        self.stop.loading = False
+
+    def setup(self, resume: bool) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self.tasks = load_tasks(cfg.tasks)  # every data error surfaces here, before any process group or model
+        self.names = [t.name for t in self.tasks]
+        self.info = dist.init_distributed(cfg.distributed.backend, deepspeed=cfg.distributed.engine == "deepspeed")
+        self.run.claim_everywhere(self.info, resume)
+        torch.manual_seed(tc.seed)
+        self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world)
+        self.olr = build_ortho_lora(cfg, self.model, self.info)
+        sizes = [len(t.splits["train"]) for t in self.tasks]
+        self.sampler = MultiTaskSampler(sizes, tc.per_task_batch_size, tc.seed, self.info.rank, self.info.world,
+                                        mode=tc.task_sampling, temperature=tc.temperature)
+        self.total_steps = tc.steps or math.ceil(tc.epochs * self.sampler.steps_per_epoch(tc.gradient_accumulation))
+        micro_batch = tc.per_task_batch_size * len(self.tasks)
+        self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, micro_batch)
+        self.loss_weights = torch.tensor([t.config.loss_weight for t in self.tasks])
+        self.state = TrainState()
+        if resume:
+            self.load_checkpoint()
+
+    def _stop_agreed(self) -> bool:
+        """All ranks agree at the step boundary: stop if any rank got a stop signal."""
+        return not dist.all_ok(self.info, self.stop.received is None)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run to the end (or to a signal: SIGTERM/SIGUSR1 -> checkpoint, return); final eval results (rank 0)."""
+        main = self.info.main
+        try:
+            if self.run.finished_at() == self.total_steps == self.state.step:
+                if main:
+                    log.warning("%s: this run already finished (%d steps, adapter and eval.json present); nothing to "
+                                "do", self.run.path, self.total_steps)
+                return {"finished": True, "step": self.total_steps}
+            if self._stop_agreed():  # a signal arrived after loading, before the first step
+                if main:
+                    why = self.stop.received or "a stop signal"
+                    log.warning("received %s before training started: nothing written", why)
+                return {"interrupted": True, "step": self.state.step}
+            self._open_outputs()
+            return self._loop()
+        finally:
+            self.cleanup()
+
+    def _open_outputs(self) -> None:
+        """config.yaml and blocks.json (rank 0), finished.json removed, the logs opened (truncated after a resume)."""
+        if self.info.main:
+            self.run.begin(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), self.olr.layout, self.names)
+        resume_step = self.state.step if self.state.resumed_from else None
+        self.telemetry = Telemetry(self.run.path, self.names, self.info.main, resume_step=resume_step,
+                                   report_to=self.cfg.train.report_to, config=self.cfg.model_dump())
+
+    def _loop(self) -> dict:
+        tc, state = self.cfg.train, self.state
+        bar = progress(total=self.total_steps, initial=state.step, enabled=self.info.main, desc="train")
+        t0 = time.perf_counter()
+        while state.step < self.total_steps:
+            result, losses = self.train_step()
+            state.count_step(result.skipped, tc.max_consecutive_skips)
+            if state.step % tc.log_every == 0 or state.step == self.total_steps:
+                self._log_step(result, losses, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            bar.update(1)
+            if self.info.main:
+                bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.names, losses.tolist())})
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < self.total_steps:
+                self._log_eval(self.evaluate("validation"))
+            if self._stop_agreed():
+                bar.close()
+                self.save_checkpoint()
+                if self.info.main:
+                    log.warning(
+                        "received %s: checkpoint written at step %d; resume with --resume",
+                        self.stop.received or "a stop signal",
+                        state.step,
+                    )
+                return {"interrupted": True, "step": state.step}
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        return self.finalize()
+
+    def train_step(self) -> tuple[StepResult, torch.Tensor]:
+        """One optimizer step; returns the step's result and this rank's per-task losses (mean over micro-batches)."""
+        accum = self.cfg.train.gradient_accumulation
+        losses = torch.zeros(len(self.tasks))
+        for _ in range(accum):
+            picks = self.sampler.next()
+            records = [self.tasks[t].splits["train"][i] for t, i in picks]
+            batch = to_device(self.model.collate(records, [t for t, _ in picks]), self.info.device)
+            self.olr.set_tasks(batch["task_ids"])
+            task_losses = self.model.task_losses(batch)
+            losses += task_losses.detach().float().cpu() / accum
+            self.olr.backward(task_losses / accum, self.loss_weights)
+        result = self.olr.project()
+        self.engine.apply(result)
+        return result, losses
+
+    def _log_step(self, result: StepResult, losses: torch.Tensor, seconds: float) -> None:
+        record, blocks = step_record(
+            self.state.step,
+            self.names,
+            dist.mean_over_ranks(self.info, losses),
+            result,
+            lr=self.engine.optimizer.param_groups[0]["lr"],
+            grad_norm=self.engine.last_grad_norm,
+            kinds=self.olr.layout.block_factor_kind(),
+            skipped_total=self.state.skipped_total,
+            seconds_per_step=seconds / self.cfg.train.log_every,
+        )
+        self.telemetry.log(record, blocks)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, split: str, stop=None) -> EvalResult | None:
+        """Metrics (rank 0) and per-task loss / perplexity (all-reduced) on ``split``; None when stopped."""
+        return run_eval(self.model, self.tasks, split, self.info, self.cfg.train.per_task_batch_size, should_stop=stop)
+
+    def _log_eval(self, result: EvalResult | None) -> None:
+        record = eval_record(self.state.step, result) if self.info.main and self.telemetry is not None else None
+        if record is not None:
+            self.telemetry.log(record)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """checkpoints/step-N: adapter, engine state (replicated: rank 0; partitioned: every rank), RNG per rank,
+        then trainer_state.json with the checksums of all of it, then an atomic rename."""
+        info, step = self.info, self.state.step
+        tmp = ckpt.staging_dir(self.run.path, step)
+        self.state.last_saved_step = step
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(info)
+        if info.main:
+            save_adapter(tmp, self.model, self.cfg, self.tasks, step, self.total_steps)
+        self.engine.save_checkpoint(tmp)
+        if info.main:
+            ckpt.save_torch_state(tmp / ckpt.OPTIMIZER, {**self.engine.state_dict(), "olr": self.olr.state_dict()})
+        ckpt.save_rng(tmp / ckpt.rng_file(info.rank), self.olr.order.generator.get_state())
+        dist.barrier(info)
+        if info.main:
+            state = self.state.to_checkpoint(self.sampler.state_dict(), info.world, self.names, self.cfg.model_dump())
+            ckpt.write_state(tmp, state)
+            self.state.written_checkpoints += 1
+            keep = self.cfg.train.keep_checkpoints
+            protect = self.state.resumed_from if self.state.written_checkpoints < keep else None
+            ckpt.publish(tmp, step, keep=keep, protect=protect)
+        dist.barrier(info)
+
+    def load_checkpoint(self) -> None:
+        """The newest checkpoint whose checksums verify (rank 0 picks it), after checking the config may resume it."""
+        info = self.info
+        found = ckpt.pick_checkpoint(self.run.path, info)
+        if found is None:
+            if info.main:
+                log.warning("--resume: no checkpoint under %s/%s: starting from scratch", self.run.path, rf.CHECKPOINTS)
+            return
+        saved = json.loads((found / ckpt.STATE).read_text())
+        check_resume(saved["config"], self.cfg.model_dump(), saved["world_size"], info.world, str(found))
+        check_engine_resume(self.cfg.distributed.engine, saved["world_size"], info.world, str(found))
+        load_adapter_weights(self.model, self.names, found / rf.ADAPTER)
+        self.engine.load_checkpoint(found)  # checksums verified: DeepSpeed's unpickling loader sees only our files
+        torch_state = ckpt.load_torch_state(found / ckpt.OPTIMIZER)
+        self.engine.load_state_dict({k: v for k, v in torch_state.items() if k != "olr"})
+        if "olr" in torch_state:
+            self.olr.load_state_dict(torch_state["olr"])
+        self.olr.order.generator.set_state(ckpt.restore_rng(found, info.rank))
+        if saved["world_size"] != info.world and info.main:
+            log.warning(
+                "resuming a %d-rank checkpoint on %d ranks (same global batch): the sample sequence is the "
+                "same; dropout masks are drawn anew",
+                saved["world_size"],
+                info.world,
+            )
+        self.sampler.load_state_dict(saved["sampler"])
+        self.state = TrainState.from_checkpoint(saved, found)
+        if info.main:
+            log.warning("resumed from %s (step %d)", found, self.state.step)
+
+    # -- the end ------------------------------------------------------------------------------------------------
+    def finalize(self) -> dict:
+        """Final stages, each redone by a resumed run when missing: checkpoint -> adapter -> eval -> finished.json.
+
+        finished.json is written last, so a kill anywhere before it leaves a run that --resume completes.
+        """
+        state, main = self.state, self.info.main
+        params = self.olr.lora_params + self.olr.head_params()
+        state.check_usable(dist.all_ok(self.info, all(bool(torch.isfinite(p.detach()).all()) for p in params)))
+        if state.last_saved_step != state.step:  # the final checkpoint: --resume can always redo what follows
+            self.save_checkpoint()
+        if main:
+            save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
+            log.warning(
+                "trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total, self.run.adapter
+            )
+        full: dict[str, EvalResult] = {}
+        for split in ("validation", "test"):
+            evaluated = self.evaluate(split, stop=self._stop_agreed)
+            if evaluated is None:  # a stop signal during evaluation
+                if main:
+                    log.warning(
+                        "received %s during the final evaluation: adapter and checkpoint are saved; "
+                        "--resume redoes the evaluation",
+                        self.stop.received or "a stop signal",
+                    )
+                return {"interrupted": True, "step": state.step}
+            full[split] = evaluated
+        results = {k: v.metrics for k, v in full.items() if v.metrics}
+        bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
+        if main:
+            self.run.write_json(rf.EVAL, {"step": state.step, **eval_report(full)}, indent=1)
+            write_model_card(self.run.adapter, {"step": state.step, **results})  # now with the final evaluation
+            self._log_eval(full.get("validation"))
+            print_table(results, self.tasks)
+            if self.cfg.train.plots:
+                self.telemetry.close()  # the plots read the complete metrics.jsonl
+                plot_run(self.run.path)
+        if bad:
+            raise TrainingFailed(
+                f"non-finite model outputs in evaluation of {', '.join(bad)} (metrics reported as null "
+                "in eval.json): the model diverged"
+            )
+        if main:
+            self.run.mark_finished(state.step, self.total_steps)
+        return results
+
+    def cleanup(self) -> None:
+        """Close the logs, release the output-dir lock, restore the signal handlers (idempotent)."""
+        if self.telemetry is not None:
+            self.telemetry.close()
+            self.telemetry = None
+        self.run.release()
+        self.stop.restore()

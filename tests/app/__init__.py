@@ -1,0 +1,1 @@
+"""Tests of the training application: data, models, evaluation, the recipe, artifacts, hardening."""
