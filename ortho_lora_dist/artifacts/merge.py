@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 from ortho_lora_dist.artifacts.adapter import AdapterError, find_adapter, load_adapter_model, read_meta, spec_from_meta
+from ortho_lora_dist.models.loading import DTYPES
 from ortho_lora_dist.runtime.fsutil import replace_dir
+from ortho_lora_dist.runtime.hub import resolve_model_path
 
 BITS = {"nf4": "4-bit (nf4)", "int8": "8-bit (int8)"}
 
@@ -41,9 +43,6 @@ def _with_base_extras(merged, cfg):
     """Encoders are trained without their pooler (the heads pool the hidden states themselves): put the base's
     back, so that AutoModel.from_pretrained(OUT_DIR) finds every weight instead of initialising some at random."""
     from transformers import AutoModel
-
-    from ortho_lora_dist.models.loading import DTYPES
-    from ortho_lora_dist.runtime.hub import resolve_model_path
 
     full = AutoModel.from_pretrained(
         resolve_model_path(cfg.model.name_or_path),

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from ortho_lora_dist.artifacts.adapter import find_adapter, load_adapter_model, read_meta
-from ortho_lora_dist.data.loading import DataError, iter_jsonl
+from ortho_lora_dist.data.loading import DataError, check_messages, iter_jsonl
+from ortho_lora_dist.models.placement import to_device
+from ortho_lora_dist.runtime.progress import progress
 
 # collate also encodes a training target; predict never reads it
 PLACEHOLDER_LABEL = {"classification": 0, "regression": 0.0, "generation": ""}
@@ -42,8 +44,6 @@ def _record(row, where: str, tasks: dict[str, dict]) -> dict:
     if fmt != "text":  # alpaca: instruction (+ input); chat: the conversation so far, [{role, content}, ...]
         rec = {"task": name, "label": PLACEHOLDER_LABEL[task["type"]]}
         if fmt == "chat":
-            from ortho_lora_dist.data.loading import check_messages
-
             rec["messages"] = check_messages(row.get("messages"), where, "messages", name, answer=False)
         else:
             for key in ("instruction", "input"):
@@ -90,9 +90,6 @@ def run_predictions(
     adapter_dir: Path, records: list[dict], batch_size: int = 32, base: str | None = None, texts: list | None = None
 ) -> list:
     """One prediction per record (input order), batched per task; ``texts``: filled with the generated texts."""
-    from ortho_lora_dist.models.placement import to_device
-    from ortho_lora_dist.runtime.progress import progress
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tasks, _ = load_adapter_model(adapter_dir, base, device)
     index = {t.name: i for i, t in enumerate(tasks)}

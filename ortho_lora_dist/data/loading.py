@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ortho_lora_dist.config import TaskConfig
+from ortho_lora_dist.runtime.hub import hub_hint, is_unreachable
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json"}
 CHUNK = 4096  # records per Arrow batch written / read while checking
@@ -189,8 +190,6 @@ def _rows_of_file(path_str: str, cfg: TaskConfig, split_name: str, needed: list[
 
 def _hub_dataset(cfg: TaskConfig, split: str):
     import datasets
-
-    from ortho_lora_dist.runtime.hub import hub_hint, is_unreachable
 
     local = Path(cfg.dataset)
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
