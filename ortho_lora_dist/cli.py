@@ -126,11 +126,14 @@ def _compare(args) -> int:
     from ortho_lora_dist.study.compare import compare
 
     cfg = load_config(args.config, args.overrides)
+    if args.eval_every is not None and args.eval_every < 0:
+        raise ConfigError(f"--eval-every must be 0 or more, got {args.eval_every}")
     out = args.out or str(cfg.output_dir) + "-compare"
     from ortho_lora_dist.study.compare import CompareInterrupted
 
     try:
-        summary = compare(cfg, args.seeds, out, args.methods.split(",") if args.methods else None)
+        methods = args.methods.split(",") if args.methods else None
+        summary = compare(cfg, args.seeds, out, methods, eval_every=args.eval_every)
     except CompareInterrupted as e:
         print(str(e), file=sys.stderr)
         return 0
@@ -218,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list: single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
         "or STRATEGY[-factor|-module|-global] (e.g. upgrad-global, norm_balance-factor); default: "
         "single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,"
-        "cagrad-global,mgda-global,lossweights",
+        "cagrad-global,mgda-global,famo-global,initial_loss-global,lossweights",
+    )
+    c.add_argument(
+        "--eval-every",
+        type=int,
+        help="validate every N optimizer steps: validation curves and time to joint's best validation average "
+        "(default: the config's train.eval_every; 0: final evaluation only)",
     )
     c.add_argument("--out", help="default: OUTPUT_DIR-compare")
     c.set_defaults(func=_compare)

@@ -102,6 +102,7 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
     )
     init = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in lora_names}
     engine = build_engine(args, olr, model, comm, world)
+    sent0 = dict(getattr(comm, "sent_bytes", {}))
     out = os.path.join(args.out, variant.replace(":", "-"))
     os.makedirs(out, exist_ok=True)
 
@@ -113,13 +114,14 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
             os.path.join(out, f"forward{rank}.safetensors"),
         )
 
-    record: dict = {"orders": [], "peak_buffer_bytes": 0, "grad_norms": []}
+    record: dict = {"orders": [], "peak_buffer_bytes": 0, "grad_norms": [], "tasks": T}
     for step in range(args.steps):
         for micro in range(args.accum):
             ids, tids = local_batch(args.accum * step + micro, rank, world)
             olr.set_tasks(tids)
             olr.backward(lm_task_losses(model, ids, tids, T) / args.accum)
-        wrong = project_then_reduce(olr, comm) if step == 0 and comm is not None and reduce == "step" else None
+        local_check = step == 0 and comm is not None and reduce == "step" and not olr.loss_only
+        wrong = project_then_reduce(olr, comm) if local_check else None
         result = olr.project()
         if wrong is not None:
             right = comm.gather_regions(result.combined).reshape(-1)
@@ -130,6 +132,7 @@ def run_variant(args, variant: str, comm, rank: int, world: int) -> dict:
         record["reduce_calls"] = getattr(comm, "calls", {}).get("reduce_task_grads", 0)
         engine.apply(result)
         record["grad_norms"].append(engine.last_grad_norm)
+    record["sent_bytes"] = {k: v - sent0.get(k, 0) for k, v in getattr(comm, "sent_bytes", {}).items()}
     final = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if n in lora_names}
     save_file(final, os.path.join(out, f"rank{rank}.safetensors"))
     save_file(init, os.path.join(out, f"init{rank}.safetensors"))

@@ -29,8 +29,8 @@ class Comm(Protocol):
     def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
         """This rank's combined region [n] -> all regions [N, n], on every rank."""
 
-    def mean_(self, tensors: list[torch.Tensor]) -> None:
-        """Average tensors (e.g. task-head gradients) across ranks, in place."""
+    def mean_(self, tensors: list[torch.Tensor], what: str = "all_reduce_heads") -> None:
+        """Average tensors (task-head gradients; the losses of a loss-only rule) across ranks, in place."""
 
 
 class LocalComm:
@@ -51,7 +51,7 @@ class LocalComm:
     def gather_regions(self, combined: torch.Tensor) -> torch.Tensor:
         return combined.unsqueeze(0)
 
-    def mean_(self, tensors: list[torch.Tensor]) -> None:
+    def mean_(self, tensors: list[torch.Tensor], what: str = "all_reduce_heads") -> None:
         return None
 
 
@@ -104,11 +104,11 @@ class DistComm:
         self._all_gather(out, combined.contiguous(), group=self.group)
         return out.view(self.world_size, -1)
 
-    def mean_(self, tensors: list[torch.Tensor]) -> None:
+    def mean_(self, tensors: list[torch.Tensor], what: str = "all_reduce_heads") -> None:
         if not tensors:
             return
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        self._count("all_reduce_heads", flat.numel() * flat.element_size(), 2)
+        self._count(what, flat.numel() * flat.element_size(), 2)
         self.dist.all_reduce(flat, op=self.dist.ReduceOp.SUM, group=self.group)
         flat.div_(self.world_size)
         offset = 0

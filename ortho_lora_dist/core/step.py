@@ -24,7 +24,7 @@ from ortho_lora_dist.core.diagnostics import gram_telemetry
 from ortho_lora_dist.core.layout import Layout, build_layout
 from ortho_lora_dist.core.order import TaskOrder
 from ortho_lora_dist.core.reference import reference_task_grads
-from ortho_lora_dist.core.strategies import STRATEGIES, make_strategy
+from ortho_lora_dist.core.strategies import LOSS_STRATEGIES, STRATEGIES, make_strategy
 
 Strategy = str  # a name in STRATEGIES (aggregators.py)
 Mode = Literal["one_backward", "reference"]
@@ -44,6 +44,13 @@ class StepResult:
     skipped: bool  # a non-finite gradient in some task: no update (decided identically on every rank)
     conflict_rate: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B]
     mean_cosine: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B]
+    # a loss-only rule: the Grams are of ONE gradient (no per-task ones); its mean loss coefficients a_t [T]
+    loss_coefficients: torch.Tensor | None = None
+
+    @property
+    def per_task(self) -> bool:
+        """Whether grams / weights are per task (False for a loss-only rule: one gradient, no per-task telemetry)."""
+        return self.loss_coefficients is None
 
     @property
     def task_grad_norms(self) -> torch.Tensor:
@@ -93,16 +100,20 @@ class OrthoLoRA:
         if bad:
             raise ValueError(f"task_params has task ids {bad} outside [0, {num_tasks - 1}]")
         self.order = TaskOrder(num_tasks, seed)
+        # a loss-only rule (famo, initial_loss) needs ONE gradient, of sum_t a_t L_t: one "task" in the buffer
+        self.loss_only = strategy in LOSS_STRATEGIES
+        self.grad_tasks = 1 if self.loss_only else num_tasks
+        self._step_losses, self._micro_batches = torch.zeros(num_tasks, dtype=torch.float64), 0
         if mode == "one_backward":
             self.capture: TaskGradCapture | None = TaskGradCapture(
-                model, num_tasks, granularity, self.comm, reduce, bucket_mb, buffer_dtype
+                model, self.grad_tasks, granularity, self.comm, reduce, bucket_mb, buffer_dtype
             )
             self.layout: Layout = self.capture.layout
             self.grads = self.capture.grads
         else:
             self.capture = None
             self.layout = build_layout(find_lora_factors(model), granularity, self.comm.world_size)
-            self.grads = TaskGradBuffer(self.layout, num_tasks, self.comm, reduce, bucket_mb, buffer_dtype)
+            self.grads = TaskGradBuffer(self.layout, self.grad_tasks, self.comm, reduce, bucket_mb, buffer_dtype)
         self.lora_params = [f.param for f in self.layout.factors]
         try:
             _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
@@ -121,7 +132,7 @@ class OrthoLoRA:
     def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
         """Declare the task of every sample of the next micro-batch (dim 0 of the model inputs)."""
         if self.capture is not None:
-            self.capture.set_tasks(task_ids)
+            self.capture.set_tasks(torch.zeros_like(torch.as_tensor(task_ids)) if self.loss_only else task_ids)
 
     def backward(
         self,
@@ -134,6 +145,8 @@ class OrthoLoRA:
             raise ValueError(f"task_losses must have shape [{self.num_tasks}], got {tuple(task_losses.shape)}")
         w = torch.ones(self.num_tasks) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         weighted = task_losses * w.to(task_losses.device, task_losses.dtype)
+        if self.loss_only:  # one gradient: of sum_t a_t w_t L_t, a from the global (rank-mean) losses
+            weighted = (weighted * self._loss_coefficients(task_losses).to(weighted.device, weighted.dtype)).sum()[None]
         if self.mode == "one_backward":
             (backward_fn or torch.Tensor.backward)(weighted.sum())
             return
@@ -145,17 +158,28 @@ class OrthoLoRA:
             self.grads.slot(i).add_(grads[:, offset : offset + f.numel].view(-1, *f.param.shape))
             self.grads.factor_done(i)
             offset += f.numel
-        for t in range(self.num_tasks):  # a head's gradient is its own task's row
+        for t in range(self.num_tasks):  # a head's gradient is its own task's row (the only row when loss-only)
             for p in self.task_params.get(t, []):
-                g = grads[t, offset : offset + p.numel()].view_as(p).to(p.dtype)
+                g = grads[0 if self.loss_only else t, offset : offset + p.numel()].view_as(p).to(p.dtype)
                 p.grad = g.clone() if p.grad is None else p.grad + g
                 offset += p.numel()
+
+    def _loss_coefficients(self, task_losses: torch.Tensor) -> torch.Tensor:
+        """The loss-only rule's a_t for this micro-batch, from the losses averaged over ranks (the same everywhere)."""
+        losses = task_losses.detach().float().clone()
+        self.comm.mean_([losses], what="all_reduce_losses")
+        losses = losses.double().cpu()
+        self._step_losses += losses
+        self._micro_batches += 1
+        a = self.combiner.balancer.coefficients(losses)
+        self._step_coefficients = a if self._micro_batches == 1 else self._step_coefficients + a
+        return a
 
     # -- reduce -> project -------------------------------------------------------------------------------
     def project(self) -> StepResult:
         """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns."""
         region, index = self.grads.reduced_region(), self.comm.rank
-        grams = self.comm.sum_grams(block_grams(region, index, self.layout, self.num_tasks))
+        grams = self.comm.sum_grams(block_grams(region, index, self.layout, self.grad_tasks))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
         if skipped:
@@ -164,7 +188,12 @@ class OrthoLoRA:
             weights = self.combiner.weights(grams, order)
         combined = combine_region(region, index, self.layout, weights)
         conflict, cosine = gram_telemetry(grams)
-        return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine)
+        coefficients = None
+        if self.loss_only and self._micro_batches:
+            coefficients = self._step_coefficients / self._micro_batches
+            self.combiner.balancer.end_step(self._step_losses / self._micro_batches)
+            self._step_losses, self._micro_batches = torch.zeros(self.num_tasks, dtype=torch.float64), 0
+        return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine, coefficients)
 
     def head_params(self) -> list[nn.Parameter]:
         return [p for t in sorted(self.task_params) for p in self.task_params[t]]

@@ -28,12 +28,23 @@ from typing import Any
 
 import torch
 
+from ortho_lora_dist.core.loss_balancing import (
+    LOSS_STRATEGIES,
+    LossBalancer,
+    loss_balancer_options,
+    make_loss_balancer,
+)
 from ortho_lora_dist.core.projection import combine_weights, joint_weights
 
-__all__ = ["STRATEGIES", "SOLVER_STRATEGIES", "STATEFUL_STRATEGIES", "Strategy", "make_strategy", "strategy_options"]
+__all__ = [
+    "GRAM_STRATEGIES", "LOSS_STRATEGIES", "STRATEGIES", "SOLVER_STRATEGIES", "STATEFUL_STRATEGIES",
+    "Strategy", "LossOnly", "make_strategy", "strategy_options",
+]
 
 TORCHJD_STRATEGIES = ("upgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "dualproj", "pcgrad", "gradvac")
-STRATEGIES: tuple[str, ...] = ("ortho", "joint", "norm_balance", *TORCHJD_STRATEGIES)
+# functions of the per-task block Grams (need the per-task gradients), and loss-only rules (loss_balancing.py)
+GRAM_STRATEGIES: tuple[str, ...] = ("ortho", "joint", "norm_balance", *TORCHJD_STRATEGIES)
+STRATEGIES: tuple[str, ...] = (*GRAM_STRATEGIES, *LOSS_STRATEGIES)
 SOLVER_STRATEGIES = frozenset({"upgrad", "dualproj", "cagrad", "nash_mtl"})  # need torchjd[full] (extra 'mtl')
 STATEFUL_STRATEGIES = frozenset({"nash_mtl", "gradvac", "pcgrad"})  # per-block state and/or a random stream
 _PER_BLOCK = frozenset({"nash_mtl", "gradvac"})  # one weighting (with its state) per block
@@ -64,6 +75,24 @@ class Strategy(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"strategy state is for {state.get('name')!r}, this run uses {self.name!r}")
+
+
+class LossOnly(Strategy):
+    """A loss-only rule: the step holds ONE gradient, of sum_t a_t L_t (a_t from ``balancer``), taken with weight 1."""
+
+    def __init__(self, name: str, num_blocks: int, balancer: LossBalancer) -> None:
+        super().__init__(name, 1, num_blocks)
+        self.balancer = balancer
+
+    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+        return torch.ones(grams.shape[0], 1, dtype=torch.float64, device=grams.device)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "balancer": self.balancer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.balancer.load_state_dict(state["balancer"])
 
 
 class _Joint(Strategy):
@@ -282,6 +311,8 @@ def _pref(value: Any, T: int) -> torch.Tensor | None:
 
 def strategy_options(name: str) -> dict[str, Any]:
     """The options a strategy accepts, with their defaults."""
+    if name in LOSS_STRATEGIES:
+        return loss_balancer_options(name)
     if name not in _BUILDERS:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     params = inspect.signature(_BUILDERS[name]).parameters.values()
@@ -292,6 +323,8 @@ def make_strategy(
     name: str, options: Mapping[str, Any] | None, num_tasks: int, num_blocks: int, seed: int = 0
 ) -> Strategy:
     """Build strategy ``name`` for T tasks and B blocks; ``options`` are checked against ``strategy_options(name)``."""
+    if name in LOSS_STRATEGIES:
+        return LossOnly(name, num_blocks, make_loss_balancer(name, options, num_tasks))
     valid = strategy_options(name)
     options = dict(options or {})
     for key in options:

@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 
 from ortho_lora_dist.config import Config
+from ortho_lora_dist.runtime import run_files as rf
+from ortho_lora_dist.study.time_to_accuracy import median, time_to_target, validation_curve
 
 FIXED = {
     "single": {},
@@ -45,6 +47,8 @@ DEFAULT_METHODS = (
     "imtl_g-global",
     "cagrad-global",
     "mgda-global",
+    "famo-global",
+    "initial_loss-global",
     "lossweights",
 )
 LOSS_WEIGHT_FACTOR = 3.0
@@ -92,13 +96,13 @@ def _run(cfg: Config) -> dict:
     from ortho_lora_dist.training.recipe import Trainer
 
     out = Path(cfg.output_dir)
-    if not (out / "finished.json").is_file():
+    if not (out / rf.FINISHED).is_file():
         result = Trainer(cfg, resume=True).train()
         if result.get("interrupted"):
             raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for x in (out / rf.METRICS).read_text().splitlines() if x.strip()]
     steps = [r for r in records if "loss" in r]
-    ev = json.loads((out / "eval.json").read_text())
+    ev = json.loads((out / rf.EVAL).read_text())
     split = "test" if "test" in ev else "validation"
     gains = [g for r in steps for g in r.get("gain", {}).values() if g is not None]
     return {
@@ -106,10 +110,11 @@ def _run(cfg: Config) -> dict:
         "validation": {k: v for k, v in ev.get("validation", {}).items() if k != "average"},
         "split": split,
         "seconds_per_step": _mean([r["seconds_per_step"] for r in steps]),
-        "conflict_rate": _mean([r.get("conflict_rate/all", 0.0) for r in steps]),
+        "conflict_rate": _mean([r["conflict_rate/all"] for r in steps if "conflict_rate/all" in r]),
         "change": _mean([r.get("leverage/change") for r in steps if "leverage/change" in r]),
         "cos_joint": _mean([r.get("leverage/cos_joint") for r in steps if "leverage/cos_joint" in r]),
         "negative_gain": (sum(g < 0 for g in gains) / len(gains)) if gains else float("nan"),
+        "curve": validation_curve(records, [t.name for t in cfg.tasks]),
     }
 
 
@@ -144,10 +149,18 @@ def _choose_loss_weights(cfg: Config, out: Path, names: list[str]) -> dict:
     return {"grid": scores, "chosen": best}
 
 
-def compare(cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | None = None) -> dict:
+def compare(
+    cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | None = None, eval_every: int | None = None
+) -> dict:
+    """Every method x seed (interleaved, resumable); ``eval_every``: validation every N steps for the curves and
+    time to accuracy (default: the config's train.eval_every; 0: final evaluation only, no time to accuracy)."""
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         method_settings(m)  # refuse unknown names before any run
+    if eval_every is not None:
+        tree = cfg.model_dump()
+        tree["train"]["eval_every"] = eval_every
+        cfg = Config.model_validate(tree)
     out = Path(out_dir)
     names = [t.name for t in cfg.tasks]
     tuned = None
@@ -212,6 +225,11 @@ def compare(cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | N
                 "ci95": half,
                 "positive": sum(d > 0 for d in diffs),
             }
+        curves = [r.get("curve") for r in runs[m]]
+        if m != "single" and all(curves):
+            entry["curve"] = _mean_curve(curves)
+            if "joint" in runs and all(r.get("curve") for r in runs["joint"]):
+                entry["time_to_target"] = _time_to_target(runs[m], runs["joint"])
         summary["methods"][m] = entry
     if "single" in runs and "joint" in runs:
         s, j = summary["methods"]["single"], summary["methods"]["joint"]
@@ -233,6 +251,30 @@ def compare(cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | N
     (out / "compare.md").write_text(to_markdown(summary))
     plot(summary, out / "compare.png")
     return summary
+
+
+def _mean_curve(curves: list) -> list[tuple[int, float]]:
+    """The validation-average curve averaged over seeds, at the steps every seed evaluated."""
+    common = set.intersection(*[{s for s, _ in c} for c in curves])
+    return [(s, sum(dict(c)[s] for c in curves) / len(curves)) for s in sorted(common)]
+
+
+def _time_to_target(method_runs: list[dict], joint_runs: list[dict]) -> dict:
+    """Steps and seconds to joint's best validation average, per seed and paired with joint (time_to_accuracy.py)."""
+    spp = median([r["seconds_per_step"] for r in method_runs])
+    tta = time_to_target(
+        [r["curve"] for r in method_runs], [r["curve"] for r in joint_runs], spp,
+        median([r["seconds_per_step"] for r in joint_runs]),
+    )
+    for key in ("paired_steps", "paired_seconds"):
+        values = tta[key]
+        mean, half = _ci95(values) if values else (None, None)
+        tta[f"{key}_mean"], tta[f"{key}_ci95"] = mean, half
+    reached = [s for s in tta["steps"] if s is not None]
+    tta["steps_mean"] = sum(reached) / len(reached) if reached else None
+    tta["speedup_median"] = median(tta["speedup"]) if tta["speedup"] else None
+    tta["seconds_per_step"] = spp
+    return tta
 
 
 def _pct(x) -> str:
@@ -291,10 +333,40 @@ def to_markdown(summary: dict) -> str:
             + ", ".join(f"{g['tag']} {100 * g['validation_average']:.2f}" for g in lw["grid"])
             + f"; chosen: {lw['chosen']['tag']}.\n"
         )
-    return head + "\n".join(rows) + "\n" + note
+    return head + "\n".join(rows) + "\n" + note + _time_table(summary)
+
+
+def _time_table(summary: dict) -> str:
+    """Time to accuracy: steps / seconds to joint's best validation average (per seed), paired with joint."""
+    rows = [(m, e["time_to_target"]) for m, e in summary["methods"].items() if "time_to_target" in e]
+    if not rows:
+        return ""
+    out = [
+        "\n| method | reached target | steps to target (mean) | paired steps vs joint (95% CI) "
+        "| seconds to target vs joint (95% CI) | speed-up vs joint (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    def ci(mean, half, unit=""):
+        return "-" if mean is None else f"{mean:+.1f}{unit} ({mean - half:+.1f}, {mean + half:+.1f})"
+
+    for m, tt in rows:
+        steps = ci(tt["paired_steps_mean"], tt["paired_steps_ci95"])
+        seconds = ci(tt["paired_seconds_mean"], tt["paired_seconds_ci95"], " s")
+        out.append(
+            f"| {m} | {tt['reached']}/{tt['seeds']} | {_num(tt['steps_mean'], '.1f')} | {steps} | {seconds} "
+            f"| {_num(tt['speedup_median'], '.2f')}x |"
+        )
+    target = [x for _, tt in rows for x in tt["target"]][: summary["seeds"]]
+    return (
+        "\n".join(out)
+        + f"\n\ntarget per seed: joint's best validation average ({', '.join(f'{100 * x:.2f}' for x in target)}); "
+        "steps: the first evaluation at or above it; seconds: steps x the method's median seconds per step "
+        "(evaluation excluded); paired over the seeds where the method reached the target.\n"
+    )
 
 
 def plot(summary: dict, path: Path) -> None:
+    """compare.png: per-task bars (mean, 95% CI) and, when evaluated along the way, the validation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,9 +375,12 @@ def plot(summary: dict, path: Path) -> None:
 
     names = summary["tasks"] + ["average"]
     methods = list(summary["methods"])
+    curves = {m: e["curve"] for m, e in summary["methods"].items() if e.get("curve")}
     x = np.arange(len(names))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names)), 4))
+    bar_width = max(7, 1.6 * len(names))
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(bar_width + (6 if curves else 0), 4), squeeze=False)
+    ax = axes[0][0]
     for i, m in enumerate(methods):
         e = summary["methods"][m]
         means = [e["per_task"][n]["mean"] for n in summary["tasks"]] + [e["average"]["mean"]]
@@ -316,7 +391,20 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylim(max(0.0, lo - 0.1), 1.0)
     ax.set_ylabel(f"{summary['split']} metric")
     ax.set_title(f"Per-task metric, {summary['seeds']} seeds (95% CI)")
-    ax.legend(fontsize=8, ncol=len(methods))
+    ax.legend(fontsize=8, ncol=min(len(methods), 4))
+    if curves:
+        cv = axes[0][1]
+        for m, curve in curves.items():
+            steps, values = zip(*curve)
+            cv.plot(steps, values, marker=".", label=m, linewidth=2.5 if m == "joint" else 1.2)
+        targets = [tt for e in summary["methods"].values() if (tt := e.get("time_to_target"))]
+        if targets:
+            target = sum(targets[0]["target"]) / len(targets[0]["target"])
+            cv.axhline(target, color="grey", linestyle=":", label="joint's best (mean target)")
+        cv.set_xlabel("optimizer step")
+        cv.set_ylabel("validation average")
+        cv.set_title(f"Validation average during training (mean of {summary['seeds']} seeds)")
+        cv.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

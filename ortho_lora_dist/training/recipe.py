@@ -124,7 +124,9 @@ class Trainer:
             if self.info.main:
                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.names, losses.tolist())})
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < self.total_steps:
+                t_eval = time.perf_counter()
                 self._log_eval(self.evaluate("validation"))
+                t0 += time.perf_counter() - t_eval  # seconds_per_step counts training only
             if self._stop_agreed():
                 bar.close()
                 self.save_checkpoint()

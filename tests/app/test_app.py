@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -213,8 +214,8 @@ def test_compare_is_complete_and_resumable(env, tmp_path):
 
     cfg = load_config(make_config(env, tmp_path / "cmp", steps=3))
     out = tmp_path / "cmp-compare"
-    methods = ["single", "joint", "ortho-factor", "norm_balance-global", "lossweights"]
-    s = compare(cfg, 2, out, methods)
+    methods = ["single", "joint", "ortho-factor", "norm_balance-global", "famo-global", "lossweights"]
+    s = compare(cfg, 2, out, methods, eval_every=1)
     assert s["split"] == "test"
     assert set(s["methods"]) == set(methods)
     e = s["methods"]["ortho-factor"]
@@ -225,6 +226,17 @@ def test_compare_is_complete_and_resumable(env, tmp_path):
     grid = s["lossweights"]["grid"]
     assert [g["tag"] for g in grid] == ["uniform", "x3-sentiment", "x3-topic"]
     assert s["lossweights"]["chosen"]["validation_average"] == max(g["validation_average"] for g in grid)
+    # validation curves (steps 1, 2 and the final 3) and time to joint's best validation average
+    assert [st for st, _ in s["methods"]["joint"]["curve"]] == [1, 2, 3] and "curve" not in s["methods"]["single"]
+    for m in ("joint", "ortho-factor", "famo-global"):
+        tt = s["methods"][m]["time_to_target"]
+        assert tt["seeds"] == 2 and len(tt["target"]) == 2 and all(js in (1, 2, 3) for js in tt["joint_steps"])
+        assert tt["reached"] == sum(st is not None for st in tt["steps"]) == len(tt["paired_steps"])
+    joint_tt = s["methods"]["joint"]["time_to_target"]
+    assert joint_tt["reached"] == 2 and joint_tt["paired_steps"] == [0, 0], "joint reaches its own best"
+    famo = s["methods"]["famo-global"]
+    assert famo["time_vs_joint"] > 0 and "paired_vs_joint" in famo and math.isnan(famo["conflict_rate"])
+    assert "steps to target" in (out / "compare.md").read_text()
     with pytest.raises(ValueError, match="unknown method 'upgard-global'"):
         compare(cfg, 1, out, ["upgard-global"])
     for f in ("compare.json", "compare.md", "compare.png"):

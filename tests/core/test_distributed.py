@@ -34,9 +34,11 @@ VARIANTS = [
     "imtl_g-factor",
     "cagrad-global",
     "norm_balance-factor",
+    "famo-global",
 ]
 DIST_VARIANTS = (
-    "joint,ortho:factor,ortho:global,ortho:factor:eager,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor"
+    "joint,ortho:factor,ortho:global,ortho:factor:eager,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor,"
+    "famo:global"
 )
 TIMEOUT = 420
 
@@ -87,7 +89,7 @@ def single(runs):
         base / "single",
         model,
         "--variants",
-        "joint,ortho:factor,ortho:global,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor",
+        "joint,ortho:factor,ortho:global,upgrad:global,imtl_g:factor,cagrad:global,norm_balance:factor,famo:global",
     )
     return base / "single"
 
@@ -115,6 +117,13 @@ def test_engine_matches_single_process(engine, runs, single):
     base, model = runs
     launch(engine, base / engine, model, "--variants", DIST_VARIANTS)
     check_engine(single, base / engine, VARIANTS, 1e-5)
+    if engine == "ddp":  # a loss-only rule sends what joint DDP training sends: one gradient, not T
+        record = {v: json.loads((base / engine / v / "rank0.json").read_text()) for v in ("joint", "famo-global")}
+        sent = {v: r["sent_bytes"] for v, r in record.items()}
+        T = json.loads((base / engine / "joint" / "rank0.json").read_text())["tasks"]
+        assert sent["famo-global"]["reduce_task_grads"] * T == sent["joint"]["reduce_task_grads"] > 0, sent
+        # one gradient reduced (scattered) and gathered: a ring all-reduce of the P LoRA values, nothing per task
+        assert sent["famo-global"]["all_gather_combined"] == sent["famo-global"]["reduce_task_grads"], sent
 
 
 def test_deepspeed_launcher_and_accumulation(runs):
