@@ -21,7 +21,13 @@ from ortho_lora_dist.core.gram import gram, gram_fp64
 from ortho_lora_dist.core.layout import factor_rows
 from ortho_lora_dist.core.projection import project
 from ortho_lora_dist.core.reference import reference_task_grads
-from ortho_lora_dist.core.strategies import SOLVER_STRATEGIES, STRATEGIES, make_strategy, strategy_options
+from ortho_lora_dist.core.strategies import (
+    GRAM_STRATEGIES,
+    SOLVER_STRATEGIES,
+    STRATEGIES,
+    make_strategy,
+    strategy_options,
+)
 from tests.core.test_capture import batch
 from tests.core.test_projection import literal_pcgrad
 from tests.core.test_step import conflicting_problem
@@ -131,7 +137,7 @@ def engine_vs_reference(llama_engine, name: str, granularity: str, mode: str) ->
     return rel(result.combined, ref), float((result.combined.double() - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", GRAM_STRATEGIES)  # functions of the Grams (loss-only rules: test_loss_balancing.py)
 @pytest.mark.parametrize("granularity", ["global", "module", "factor"])
 def test_engine_equals_torchjd_reference_mode(llama_engine, name, granularity):
     err, _ = engine_vs_reference(llama_engine, name, granularity, "reference")
@@ -154,7 +160,7 @@ def random_blocks(seed: int, num_tasks: int, B: int = 4, D: int = 30) -> torch.T
     return (signs * base + torch.randn(B, num_tasks, D, generator=gen, dtype=torch.float64)) * scales
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", GRAM_STRATEGIES)  # functions of the Grams (loss-only rules: test_loss_balancing.py)
 @pytest.mark.parametrize("num_tasks", [2, 3, 5])
 def test_weights_equal_torchjd_on_random_matrices(name, num_tasks):
     for seed in range(3):
@@ -265,7 +271,7 @@ def test_extreme_scales_through_the_engine(name, mixed):
             assert rel(got, scale_reference(name, J, result.order)) < 1e-5, (scales, b)
 
 
-@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "nash_mtl"])
+@pytest.mark.parametrize("name", [n for n in GRAM_STRATEGIES if n != "nash_mtl"])
 def test_scale_invariant_methods(name):
     """w(c^2 G) == w(G) from c = 1e-30 to 1e30 (Nash-MTL is not: its max_norm is absolute by design)."""
     J = random_blocks(7, T)
