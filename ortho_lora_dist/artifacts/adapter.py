@@ -26,6 +26,7 @@ from ortho_lora_dist.data.loading import TaskData
 from ortho_lora_dist.models.build import build_model
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import place_model
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 
 FORMAT = 1
@@ -86,7 +87,7 @@ def make_portable(folder: Path, model_cfg) -> None:
     conf = json.loads(path.read_text())
     conf["base_model_name_or_path"] = model_cfg.name_or_path
     conf["task_type"] = conf.get("task_type") or PEFT_TASK_TYPES[model_cfg.kind]
-    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
+    path.write_text(jsonio.dumps(conf, indent=2, sort_keys=True))
 
 
 def find_adapter(path: str | Path) -> Path:

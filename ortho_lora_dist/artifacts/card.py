@@ -6,11 +6,11 @@ shows "not evaluated yet" until ``--resume`` redoes the evaluation.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ortho_lora_dist.artifacts.adapter import read_meta
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime.fsutil import atomic_write_text
 from ortho_lora_dist.runtime.hub import looks_local
 
@@ -61,7 +61,7 @@ def model_card(meta: dict, evaluation: dict | None = None) -> str:
         else "Not evaluated yet: the card is rewritten when the run's final evaluation is done.",
         "",
     ]
-    options = f", options `{json.dumps(tc['strategy_options'])}`" if tc["strategy_options"] else ""
+    options = f", options `{jsonio.dumps(tc['strategy_options'])}`" if tc["strategy_options"] else ""
     targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
     lines += [
         "## Method",

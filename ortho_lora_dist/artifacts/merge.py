@@ -8,12 +8,12 @@ would no longer equal base + adapter. Written to a staging folder and renamed: n
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from ortho_lora_dist.artifacts.adapter import AdapterError, find_adapter, load_adapter_model, read_meta, spec_from_meta
 from ortho_lora_dist.models.loading import DTYPES
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime.fsutil import replace_dir
 from ortho_lora_dist.runtime.hub import resolve_model_path
 
@@ -80,7 +80,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False, base: s
         if (adapter_dir / "heads.safetensors").is_file():
             shutil.copy2(adapter_dir / "heads.safetensors", stage / "heads.safetensors")
         described = {**meta, "merged_from": {"adapter": str(adapter_dir), "base_model": cfg.model.name_or_path}}
-        (stage / "tasks.json").write_text(json.dumps(described, indent=1))
+        (stage / "tasks.json").write_text(jsonio.dumps(described, indent=1))
         replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

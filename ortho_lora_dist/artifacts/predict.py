@@ -14,15 +14,15 @@ complete (written to a temporary file, then renamed).
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ortho_lora_dist.artifacts.adapter import find_adapter, load_adapter_model, read_meta
-from ortho_lora_dist.data.loading import DataError, check_messages, iter_jsonl
+from ortho_lora_dist.data.loading import DataError, check_messages, iter_jsonl, text_value
 from ortho_lora_dist.models.placement import to_device
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime.progress import progress
 
 # collate also encodes a training target; predict never reads it
@@ -46,25 +46,18 @@ def _record(row, where: str, tasks: dict[str, dict]) -> dict:
         if fmt == "chat":
             rec["messages"] = check_messages(row.get("messages"), where, "messages", name, answer=False)
         else:
-            for key in ("instruction", "input"):
-                value = row.get(key)
-                if (value is None and key == "instruction") or (value is not None and not isinstance(value, str)):
-                    problem = "is missing" if value is None else f"must be a string, got {type(value).__name__}"
-                    raise DataError(f"{where}: field {key!r} {problem} (task {name!r})")
-            rec.update(instruction=row["instruction"], input=row.get("input") or "")
+            rec.update(instruction=text_value(row, "instruction", where, name),
+                       input=text_value(row, "input", where, name, optional=True) or "")
         if row.get("id") is not None:
             rec["id"] = row["id"]
         return rec
-    for key in ("text", "text_pair") if task.get("text_pair") else ("text",):
-        if not isinstance(row.get(key), str):
-            problem = "is missing" if row.get(key) is None else f"must be a string, got {type(row[key]).__name__}"
-            raise DataError(f"{where}: field {key!r} {problem} (task {name!r})")
     if row.get("text_pair") is not None and not task.get("text_pair"):
         raise DataError(f"{where}: task {name!r} was trained on single texts: remove 'text_pair'")
-    rec = {"task": name, "text": row["text"], "label": PLACEHOLDER_LABEL[task["type"]]}
-    for key in ("text_pair", "id"):
-        if row.get(key) is not None:
-            rec[key] = row[key]
+    rec = {"task": name, "text": text_value(row, "text", where, name), "label": PLACEHOLDER_LABEL[task["type"]]}
+    if task.get("text_pair"):
+        rec["text_pair"] = text_value(row, "text_pair", where, name)
+    if row.get("id") is not None:
+        rec["id"] = row["id"]
     return rec
 
 
@@ -138,7 +131,7 @@ def predict_file(
                 row = {**({"id": r["id"]} if "id" in r else {}), "task": r["task"], "prediction": p}
                 if text is not None:
                     row["output"] = text
-                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                f.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)

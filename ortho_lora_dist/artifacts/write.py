@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ortho_lora_dist.artifacts.adapter import describe, make_portable
 from ortho_lora_dist.artifacts.card import write_model_card
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.data.loading import TaskData
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.runtime.fsutil import replace_dir
 
@@ -43,7 +43,7 @@ def save_adapter(
         }
         save_file(tensors, str(folder / rf.HEADS))
     # self-describing: predict / merge need this folder alone (adapter.py lists the files)
-    (folder / rf.TASKS).write_text(json.dumps(describe(cfg, tasks, step, total_steps), indent=1))
+    (folder / rf.TASKS).write_text(jsonio.dumps(describe(cfg, tasks, step, total_steps), indent=1))
     make_portable(folder, cfg.model)
     write_model_card(folder)  # metrics pending; the recipe rewrites it after eval.json
     if atomic:

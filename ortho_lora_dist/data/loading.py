@@ -20,8 +20,10 @@ index. Any problem is one DataError naming the task, file, line (or row) and key
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import uuid
@@ -116,6 +118,8 @@ def iter_jsonl(path: Path):
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
             line = _decode(raw, path, i)
+            if i == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one)
             if not line.strip():
                 continue
             try:
@@ -147,15 +151,51 @@ def _iter_table(ds, where: str, needed: list[str]) -> Iterator[tuple[str, dict]]
             yield f"{where}, row {i}", {k: batch[k][j] for k in present}
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' own progress bars and ERROR log lines off while we read (our errors say what failed, once);
+    ORTHO_LORA_VERBOSE=1 keeps them."""
+    import datasets
+
+    if os.environ.get("ORTHO_LORA_VERBOSE"):
+        yield
+        return
+    bars = datasets.utils.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _check_json_array(path: Path) -> None:
+    """A .json array: every element an object; DataError naming the line (bad JSON) or the row, from 1, otherwise."""
+    text = _decode(path.read_bytes(), path, 1, "file")
+    try:
+        rows = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
+
+
 def _load_table(path: Path, task: str):
     import datasets
 
     kind = TABLE_SUFFIXES[path.suffix]
     if kind == "csv":
         _check_utf8(path)
+    if kind == "json":
+        _check_json_array(path)
     kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train", **kw)
+        with _quiet_datasets():
+            return datasets.load_dataset(kind, data_files=str(path), split="train", **kw)
     except Exception as e:  # a malformed file: say which, with the reader's own words
         raise DataError(f"task {task!r}: {path} could not be read as {path.suffix[1:].upper()} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -165,7 +205,8 @@ def _from_disk(path: Path, split_name: str, task: str):
     import datasets
 
     try:
-        ds = datasets.load_from_disk(str(path))
+        with _quiet_datasets():
+            ds = datasets.load_from_disk(str(path))
     except Exception as e:
         raise DataError(f"task {task!r}: {path} is a folder but not one written by datasets' save_to_disk ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -181,6 +222,8 @@ def _rows_of_file(path_str: str, cfg: TaskConfig, split_name: str, needed: list[
         return _iter_table(_from_disk(path, split_name, cfg.name), str(path), needed)
     if not path.is_file():
         raise DataError(f"task {cfg.name!r}: data file {path} does not exist")
+    if not path.read_bytes()[:4096].strip(b"\xef\xbb\xbf \t\r\n"):
+        raise DataError(f"task {cfg.name!r}: data file {path} is empty")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not _is_json_array(path)):
         return ((f"{path}, line {i}", row) for i, row in iter_jsonl(path))
     if path.suffix in TABLE_SUFFIXES:
@@ -195,7 +238,8 @@ def _hub_dataset(cfg: TaskConfig, split: str):
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         return _from_disk(local, split, cfg.name)
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
     except Exception as e:
         if not is_unreachable(e) and "offline" not in str(e).lower() and "couldn't" not in str(e).lower():
             raise
@@ -214,7 +258,24 @@ def _needed(cfg: TaskConfig) -> list[str]:
 
 def _missing(row: dict, key: str, where: str, cfg: TaskConfig, kind: str = "field") -> None:
     if key not in row or row[key] is None:
-        raise DataError(f"{where}: {kind} {key!r} is missing (task {cfg.name!r})")
+        problem = "is missing" if key not in row else "is null"
+        raise DataError(f"{where}: {kind} {key!r} {problem} (task {cfg.name!r})")
+
+
+def text_value(row: dict, key: str, where: str, task: str, kind: str = "field", optional: bool = False) -> str | None:
+    """A text field as training and predict both read it: a string, or a number written as text (42 -> "42");
+    absent or null (None when ``optional``), a boolean, list or object: DataError naming the field."""
+    value = row.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise DataError(f"{where}: {kind} {key!r} {'is missing' if key not in row else 'is null'} (task {task!r})")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: {kind} {key!r} must be text (a string or a number), got {type(value).__name__} "
+                    f"(task {task!r})")
 
 
 def check_messages(messages, where: str, key: str, task: str, answer: bool = True) -> list[dict]:
@@ -243,17 +304,14 @@ def _normalise(row: dict, where: str, cfg: TaskConfig) -> dict:
         messages = check_messages(row[cfg.messages_field], where, cfg.messages_field, cfg.name)
         return {"messages": messages[:-1], "label": messages[-1]["content"]}
     if cfg.format == "alpaca":
-        _missing(row, cfg.instruction_field, where, cfg)
-        _missing(row, cfg.output_field, where, cfg)
-        given = row.get(cfg.input_field)
-        return {"instruction": str(row[cfg.instruction_field]), "input": "" if given is None else str(given),
-                "label": str(row[cfg.output_field])}
-    _missing(row, cfg.text_field, where, cfg)
+        instruction = text_value(row, cfg.instruction_field, where, cfg.name)
+        output = text_value(row, cfg.output_field, where, cfg.name)
+        given = text_value(row, cfg.input_field, where, cfg.name, optional=True)
+        return {"instruction": instruction, "input": given or "", "label": output}
+    rec = {"text": text_value(row, cfg.text_field, where, cfg.name)}
     _missing(row, cfg.label_field, where, cfg)
-    rec = {"text": str(row[cfg.text_field])}
     if cfg.text_pair_field:
-        _missing(row, cfg.text_pair_field, where, cfg, "sequence-pair field")
-        rec["text_pair"] = str(row[cfg.text_pair_field])
+        rec["text_pair"] = text_value(row, cfg.text_pair_field, where, cfg.name, "sequence-pair field")
     label = row[cfg.label_field]
     if cfg.type == "regression":
         try:

@@ -14,7 +14,7 @@ from ortho_lora_dist.core.losses import task_mean, task_sum
 from ortho_lora_dist.data.loading import DataError, TaskData
 from ortho_lora_dist.data.prompts import prompt_ids
 from ortho_lora_dist.models.generation import answer, generate
-from ortho_lora_dist.models.loading import DTYPES, attach_lora, placement, quantization
+from ortho_lora_dist.models.loading import DTYPES, attach_lora, from_pretrained, placement, quantization
 from ortho_lora_dist.models.prompts import Prompts
 from ortho_lora_dist.runtime.hub import resolve_model_path
 
@@ -46,8 +46,10 @@ class CausalLMMultiTask(nn.Module):
 
         check_chat_template(tasks, tokenizer, cfg.model.name_or_path)  # before the (large) model loads
         path = resolve_model_path(cfg.model.name_or_path)
-        base = AutoModelForCausalLM.from_pretrained(
+        base = from_pretrained(
+            AutoModelForCausalLM.from_pretrained,
             path,
+            cfg.model.name_or_path,
             dtype=DTYPES[cfg.model.dtype],
             quantization_config=quantization(cfg.model, quant_storage),
             trust_remote_code=cfg.model.trust_remote_code,

@@ -12,7 +12,7 @@ from ortho_lora_dist.config import Config
 from ortho_lora_dist.core.losses import task_mean, task_sum
 from ortho_lora_dist.data.loading import TaskData
 from ortho_lora_dist.data.prompts import bound_chars
-from ortho_lora_dist.models.loading import DTYPES, attach_lora, load_encoder, placement, quantization
+from ortho_lora_dist.models.loading import DTYPES, attach_lora, from_pretrained, load_encoder, placement, quantization
 from ortho_lora_dist.runtime.hub import resolve_model_path
 
 
@@ -28,7 +28,7 @@ class EncoderMultiTask(nn.Module):
             trust_remote_code=cfg.model.trust_remote_code,
             **placement(cfg.model),
         )
-        base = load_encoder(path, **kw)
+        base = from_pretrained(load_encoder, path, cfg.model.name_or_path, **kw)
         self.encoder = attach_lora(base, cfg, adapter_dir)
         hidden = base.config.hidden_size
         self.kinds = [t.config.type for t in tasks]

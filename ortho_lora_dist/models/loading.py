@@ -11,29 +11,68 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ortho_lora_dist.config import Config, ModelConfig
+from ortho_lora_dist.config import Config, ConfigError, ModelConfig
 from ortho_lora_dist.runtime.hub import ModelUnavailable, hub_hint, is_unreachable, resolve_model_path
 
 log = logging.getLogger("ortho_lora_dist.models")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# a tokenizer saved by save_pretrained leaves at least one of these (fast, slow WordPiece / BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model_folder(path: str, name: str) -> None:
+    """A local model folder must hold config.json and tokenizer files: ModelUnavailable (exit 2) naming
+    model.name_or_path otherwise (transformers would build a tokenizer with no vocabulary, or say to install
+    sentencepiece)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(
+            f"model.name_or_path: {name} is a folder without config.json, not a Hugging Face model folder (it needs "
+            "config.json, the weights and the tokenizer files, as save_pretrained writes them)"
+        )
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelUnavailable(
+            f"model.name_or_path: {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
+            "tokenizer into the model folder (tokenizer.save_pretrained)"
+        )
+
+
+def from_pretrained(load, path: str, name: str, what: str = "model", **kwargs):
+    """``load(path, **kwargs)`` (a transformers from_pretrained); for a local folder, a failure is the folder's:
+    ModelUnavailable (exit 2) naming model.name_or_path and what is wrong with it, instead of a traceback."""
+    try:
+        return load(path, **kwargs)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if not Path(path).is_dir():
+            if is_unreachable(e):
+                raise ModelUnavailable(hub_hint("model.name_or_path", name)) from None
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = f"{type(e).__name__}: {first}"
+        raise ModelUnavailable(f"model.name_or_path: cannot load the {what} from {name} ({why})") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:
-        if Path(path).exists() or not is_unreachable(e):
-            raise
-        raise ModelUnavailable(hub_hint("model.name_or_path", cfg.name_or_path)) from None
+    check_model_folder(path, cfg.name_or_path)
+    tok = from_pretrained(AutoTokenizer.from_pretrained, path, cfg.name_or_path, "tokenizer",
+                          trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:
-            raise ValueError(f"tokenizer of {cfg.name_or_path} has no pad, eos or unk token to pad with")
+            raise ModelUnavailable(f"model.name_or_path: the tokenizer of {cfg.name_or_path} has no pad, eos or unk "
+                                   "token to pad with")
         tok.pad_token = fallback
-        log.warning("tokenizer of %s has no pad token: padding with %r", cfg.name_or_path, fallback)
+        log.info("tokenizer of %s has no pad token: padding with %r", cfg.name_or_path, fallback)
     return tok
 
 
@@ -76,7 +115,7 @@ def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(
+            raise ConfigError(
                 f"lora.target_modules {cfg.lora.target_modules} matched no module of {cfg.model.name_or_path}; "
                 f"linear layers it has: {names}"
             ) from None

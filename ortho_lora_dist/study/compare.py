@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 
 from ortho_lora_dist.config import Config
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.study.time_to_accuracy import median, time_to_target, validation_curve
 
@@ -247,7 +248,7 @@ def compare(
             rec["average"] = (e["average"]["mean"] - j["average"]["mean"]) / gap if abs(gap) > 1e-12 else float("nan")
             e["gap_recovery"] = rec
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    (out / "compare.json").write_text(jsonio.dumps(summary, indent=1))
     (out / "compare.md").write_text(to_markdown(summary))
     plot(summary, out / "compare.png")
     return summary

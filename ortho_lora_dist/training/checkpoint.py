@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.runtime.distributed import DistInfo, broadcast_object
 from ortho_lora_dist.runtime.fsutil import replace_dir
@@ -155,7 +156,7 @@ def write_state(tmp: Path, state: dict) -> None:
     """Write trainer_state.json last, with the checksums of everything else in the staging dir."""
     state = {**state, "files": manifest(tmp)}
     path = tmp / STATE
-    path.write_text(json.dumps(state, indent=1))
+    path.write_text(jsonio.dumps(state, indent=1))
     _fsync(path)
 
 

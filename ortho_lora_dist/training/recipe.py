@@ -60,6 +60,7 @@ class Trainer:
 
     def setup(self, resume: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
+        self.run.check_path()  # before anything heavy loads
         self.tasks = load_tasks(cfg.tasks)  # every data error surfaces here, before any process group or model
         self.names = [t.name for t in self.tasks]
         self.info = dist.init_distributed(cfg.distributed.backend, deepspeed=cfg.distributed.engine == "deepspeed")
@@ -89,7 +90,7 @@ class Trainer:
         try:
             if self.run.finished_at() == self.total_steps == self.state.step:
                 if main:
-                    log.warning("%s: this run already finished (%d steps, adapter and eval.json present); nothing to "
+                    log.info("%s: this run already finished (%d steps, adapter and eval.json present); nothing to "
                                 "do", self.run.path, self.total_steps)
                 return {"finished": True, "step": self.total_steps}
             if self._stop_agreed():  # a signal arrived after loading, before the first step
@@ -237,7 +238,7 @@ class Trainer:
         self.sampler.load_state_dict(saved["sampler"])
         self.state = TrainState.from_checkpoint(saved, found)
         if info.main:
-            log.warning("resumed from %s (step %d)", found, self.state.step)
+            log.info("resumed from %s (step %d)", found, self.state.step)
 
     # -- the end ------------------------------------------------------------------------------------------------
     def finalize(self) -> dict:
@@ -252,9 +253,8 @@ class Trainer:
             self.save_checkpoint()
         if main:
             save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
-            log.warning(
-                "trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total, self.run.adapter
-            )
+            log.info("trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total,
+                     self.run.adapter)
         full: dict[str, EvalResult] = {}
         for split in ("validation", "test"):
             evaluated = self.evaluate(split, stop=self._stop_agreed)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.runtime.distributed import DistInfo, all_ok
 from ortho_lora_dist.runtime.fsutil import atomic_write_text
@@ -51,7 +52,7 @@ class RunLock:
                 "or choose another output_dir"
             ) from None
         since = datetime.datetime.now().isoformat(timespec="seconds")
-        self.owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        self.owner.write_text(jsonio.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
 
     def release(self) -> None:
         """Release; a directory left holding nothing but the lock file is removed (nothing half-written)."""
@@ -79,6 +80,15 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         return self.path / rf.ADAPTER
+
+    def check_path(self) -> None:
+        """output_dir must be a folder or creatable as one: FileExistsError naming it (exit 2) otherwise."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"output_dir {self.path} is a file, not a folder: choose another output_dir")
+        for parent in self.path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise FileExistsError(f"output_dir {self.path}: {parent} is a file, so no folder can be made below "
+                                      "it; choose another output_dir")
 
     def previous_run(self) -> str | None:
         """What in the folder shows a previous run (None if nothing)."""
@@ -131,7 +141,7 @@ class RunDir:
         return step if complete else None
 
     def mark_finished(self, step: int, total_steps: int) -> None:
-        atomic_write_text(self.path / rf.FINISHED, json.dumps({"step": step, "total_steps": total_steps}))
+        atomic_write_text(self.path / rf.FINISHED, jsonio.dumps({"step": step, "total_steps": total_steps}))
 
     def mark_unfinished(self) -> None:
         """A resumed run with more steps is not finished (until its own finished.json)."""
@@ -152,7 +162,7 @@ class RunDir:
         )
 
     def write_json(self, name: str, obj, indent: int | None = None) -> None:
-        atomic_write_text(self.path / name, json.dumps(obj, indent=indent))
+        atomic_write_text(self.path / name, jsonio.dumps(obj, indent=indent))
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ortho_lora_dist.config import missing_trackers
+from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.runtime.fsutil import atomic_write_text
 
@@ -163,7 +164,7 @@ class Telemetry:
             raise
         new_ids = {n: t.id for n, t in self.trackers.items() if hasattr(t, "id")}
         if new_ids:
-            atomic_write_text(self.dir / RUN_IDS, json.dumps({**ids, **new_ids}))
+            atomic_write_text(self.dir / RUN_IDS, jsonio.dumps({**ids, **new_ids}))
         if resume_step is not None:
             for name in (rf.METRICS, rf.CONFLICTS):
                 _keep_until(self.dir / name, resume_step)
@@ -181,10 +182,10 @@ class Telemetry:
         """One metrics.jsonl line (+ the trackers' scalars); ``blocks``: per-block data for conflicts.jsonl."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(jsonio.dumps(record) + "\n")
         self.metrics.flush()
         if blocks is not None:
-            self.conflicts.write(json.dumps({"step": record["step"], **blocks}) + "\n")
+            self.conflicts.write(jsonio.dumps({"step": record["step"], **blocks}) + "\n")
             self.conflicts.flush()
         values = scalars(record)
         for tracker in self.trackers.values():

@@ -102,7 +102,7 @@ def test_table_sources_name_the_row(tmp_path):
     datasets.Dataset.from_list([{"text": "a", "label": "x"}, {"text": None, "label": "y"}]).to_parquet(
         str(tmp_path / "p.parquet")
     )
-    with pytest.raises(DataError, match=r"p.parquet, row 2: field 'text' is missing \(task 't'\)"):
+    with pytest.raises(DataError, match=r"p.parquet, row 2: field 'text' is null \(task 't'\)"):
         load_task(TaskConfig(name="t", files={"train": str(tmp_path / "p.parquet")}))
     (tmp_path / "r.csv").write_text("text,label\na,1.5\nb,oops\n")
     with pytest.raises(DataError, match=r"r.csv, row 2: regression label 'oops' is not a number"):

@@ -123,8 +123,10 @@ def test_installed_wheel_outside_the_clone(wheel, env, tmp_path):  # noqa: F811
     assert again.returncode == 2 and "--force" in again.stderr
     run([cli, "init", "--template", "llama7b_qlora", "--force"], work, clean)
     assert "# edited" not in (work / "llama7b_qlora.yaml").read_text()
-    run([cli, "init"], work, clean)  # the default template
+    printed = run([cli, "init"], work, clean).stdout  # the default template, and what to run next
     assert (work / "demo.yaml").is_file()
+    assert "next:" in printed and "ortho-lora prepare-demo --out data/demo" in printed
+    assert "ortho-lora train demo.yaml train.steps=3" in printed
 
     # a short train from another folder: relative task files resolve against the config's folder, and the
     # default deepspeed_config (ds_configs/zero2.json, not beside this config) resolves to the packaged copy
