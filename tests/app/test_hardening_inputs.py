@@ -224,3 +224,19 @@ def test_extending_a_finished_run_follows_the_schedule_of_its_new_length(env, tm
     }
     assert lrs[4] == pytest.approx(0.0, abs=1e-12), "the 4-step run decayed to 0"
     assert lrs[5] == pytest.approx(1e-3 * (8 - 5) / 8) and lrs[8] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_every_cli_option_has_a_help_line():
+    import argparse
+
+    from ortho_lora_dist.cli import build_parser
+
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for sub in build_parser()._actions
+        if isinstance(sub, argparse._SubParsersAction)
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert not missing, missing
