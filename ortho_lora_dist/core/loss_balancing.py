@@ -22,13 +22,14 @@ coefficients and state.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from ortho_lora_dist.core.options import checked_options, keyword_options
 
 __all__ = ["LOSS_STRATEGIES", "LossBalancer", "loss_balancer_options", "make_loss_balancer"]
 
@@ -139,17 +140,11 @@ _BUILDERS = {"famo": FAMO, "initial_loss": InitialLoss}
 
 def loss_balancer_options(name: str) -> dict[str, Any]:
     """The options a loss-only strategy accepts, with their defaults."""
-    params = inspect.signature(_BUILDERS[name].__init__).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keyword_options(_BUILDERS[name].__init__)
 
 
 def make_loss_balancer(name: str, options: Mapping[str, Any] | None, num_tasks: int) -> LossBalancer:
-    valid = loss_balancer_options(name)
-    options = dict(options or {})
-    for key in options:
-        if key not in valid:
-            listed = ", ".join(sorted(valid)) or "none"
-            raise ValueError(f"strategy {name!r} has no option {key!r}; valid options: {listed}")
+    options = checked_options(name, options, loss_balancer_options(name))
     try:
         return _BUILDERS[name](num_tasks, **options)
     except (TypeError, ValueError) as e:

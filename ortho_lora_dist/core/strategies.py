@@ -20,7 +20,6 @@ gets weights 0 from the TorchJD strategies without calling them (no state update
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from ortho_lora_dist.core.loss_balancing import (
     loss_balancer_options,
     make_loss_balancer,
 )
+from ortho_lora_dist.core.options import checked_options, keyword_options
 from ortho_lora_dist.core.projection import combine_weights, joint_weights
 
 __all__ = [
@@ -315,8 +315,7 @@ def strategy_options(name: str) -> dict[str, Any]:
         return loss_balancer_options(name)
     if name not in _BUILDERS:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
-    params = inspect.signature(_BUILDERS[name]).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keyword_options(_BUILDERS[name])
 
 
 def make_strategy(
@@ -325,12 +324,7 @@ def make_strategy(
     """Build strategy ``name`` for T tasks and B blocks; ``options`` are checked against ``strategy_options(name)``."""
     if name in LOSS_STRATEGIES:
         return LossOnly(name, num_blocks, make_loss_balancer(name, options, num_tasks))
-    valid = strategy_options(name)
-    options = dict(options or {})
-    for key in options:
-        if key not in valid:
-            listed = ", ".join(sorted(valid)) or "none"
-            raise ValueError(f"strategy {name!r} has no option {key!r}; valid options: {listed}")
+    options = checked_options(name, options, strategy_options(name))
 
     def build() -> Any:
         try:
