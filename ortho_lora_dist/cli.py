@@ -314,13 +314,13 @@ def _exit_code(e: Exception) -> int | None:
     from ortho_lora_dist.artifacts.adapter import AdapterError
     from ortho_lora_dist.config import ConfigError
     from ortho_lora_dist.data.loading import DataError
-    from ortho_lora_dist.training.checkpoint import CheckpointError
+    from ortho_lora_dist.training.checkpoint import CheckpointError, CheckpointWriteError
     from ortho_lora_dist.training.resume import ResumeMismatch
     from ortho_lora_dist.training.run_dir import RunExists, RunLocked
     from ortho_lora_dist.training.state import TooManySkips, TrainingFailed
     from ortho_lora_dist.training.telemetry import TrackerError
 
-    if isinstance(e, TrainingFailed):
+    if isinstance(e, (TrainingFailed, CheckpointWriteError)):
         return 1
     if isinstance(
         e,
@@ -339,6 +339,8 @@ def _exit_code(e: Exception) -> int | None:
         ),
     ):
         return 2
+    if isinstance(e, OSError):  # the machine refused (disk full, permissions, I/O): the run failed, one line
+        return 1
     return None
 
 

@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint: names the file that failed verification."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (trainer_state.json present), oldest first."""
     root = Path(output_dir) / rf.CHECKPOINTS

@@ -186,9 +186,20 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """checkpoints/step-N: adapter, engine state (replicated: rank 0; partitioned: every rank), RNG per rank,
-        then trainer_state.json with the checksums of all of it, then an atomic rename."""
+        then trainer_state.json with the checksums of all of it, then an atomic rename. A write that fails (disk
+        full, permissions) leaves the previous checkpoint the newest valid one: CheckpointWriteError (exit 1)."""
+        tmp = ckpt.staging_dir(self.run.path, self.state.step)
+        try:
+            self._write_checkpoint(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointWriteError(
+                f"writing checkpoint step {self.state.step} in {tmp.parent} failed ({e}); the previous checkpoints "
+                "are untouched: fix the cause (space, permissions), then run the same command with --resume"
+            ) from None
+
+    def _write_checkpoint(self, tmp) -> None:
         info, step = self.info, self.state.step
-        tmp = ckpt.staging_dir(self.run.path, step)
         self.state.last_saved_step = step
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)

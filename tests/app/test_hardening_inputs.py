@@ -240,3 +240,39 @@ def test_every_cli_option_has_a_help_line():
         if not action.help and not isinstance(action, argparse._HelpAction)
     ]
     assert not missing, missing
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one(env, tmp_path, capsys, monkeypatch):
+    """Disk full at the second checkpoint: exit 1 with one line, no half-written checkpoint, step-2 still the newest
+    valid one, and --resume (once the disk has room) ends exactly like an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from ortho_lora_dist.training import checkpoint as ckpt
+
+    common = dict(steps=6, checkpoint_every=2, schedule="constant", warmup_ratio=0.0, plots=False)
+    ref = make_config(env, tmp_path / "ref", **common)
+    assert cli(["train", str(ref)]) == 0
+    path = make_config(env, tmp_path / "run", **common)
+    real, calls = ckpt.save_torch_state, []
+
+    def full_disk(p, state):
+        calls.append(p)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(p))
+        real(p, state)
+
+    monkeypatch.setattr(ckpt, "save_torch_state", full_disk)
+    capsys.readouterr()
+    assert cli(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in err
+    out = tmp_path / "run"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"], "no half-written step-4"
+    assert ckpt.newest_valid(out).name == "step-2"
+    monkeypatch.setattr(ckpt, "save_torch_state", real)
+    assert cli(["train", str(path), "--resume"]) == 0
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
