@@ -103,7 +103,7 @@ class OrthoLoRA:
         # a loss-only rule (famo, initial_loss) needs ONE gradient, of sum_t a_t L_t: one "task" in the buffer
         self.loss_only = strategy in LOSS_STRATEGIES
         self.grad_tasks = 1 if self.loss_only else num_tasks
-        self._step_losses, self._micro_batches = torch.zeros(num_tasks, dtype=torch.float64), 0
+        self._reset_step_losses()
         if mode == "one_backward":
             self.capture: TaskGradCapture | None = TaskGradCapture(
                 model, self.grad_tasks, granularity, self.comm, reduce, bucket_mb, buffer_dtype
@@ -169,11 +169,17 @@ class OrthoLoRA:
         losses = task_losses.detach().float().clone()
         self.comm.mean_([losses], what="all_reduce_losses")
         losses = losses.double().cpu()
-        self._step_losses += losses
-        self._micro_batches += 1
         a = self.combiner.balancer.coefficients(losses)
-        self._step_coefficients = a if self._micro_batches == 1 else self._step_coefficients + a
+        self._step_losses += losses
+        self._step_coefficients += a
+        self._micro_batches += 1
         return a
+
+    def _reset_step_losses(self) -> None:
+        """Sums over this step's micro-batches of a loss-only rule's global losses and coefficients."""
+        self._step_losses = torch.zeros(self.num_tasks, dtype=torch.float64)
+        self._step_coefficients = torch.zeros(self.num_tasks, dtype=torch.float64)
+        self._micro_batches = 0
 
     # -- reduce -> project -------------------------------------------------------------------------------
     def project(self) -> StepResult:
@@ -192,7 +198,7 @@ class OrthoLoRA:
         if self.loss_only and self._micro_batches:
             coefficients = self._step_coefficients / self._micro_batches
             self.combiner.balancer.end_step(self._step_losses / self._micro_batches)
-            self._step_losses, self._micro_batches = torch.zeros(self.num_tasks, dtype=torch.float64), 0
+            self._reset_step_losses()
         return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine, coefficients)
 
     def head_params(self) -> list[nn.Parameter]:

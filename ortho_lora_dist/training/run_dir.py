@@ -74,9 +74,6 @@ class RunDir:
         self.path = Path(path)
         self.lock: RunLock | None = None
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     @property
     def adapter(self) -> Path:
         return self.path / rf.ADAPTER
