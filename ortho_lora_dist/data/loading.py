@@ -75,7 +75,7 @@ class Records(Sequence):
             for j in range(len(batch[keys[0]])):
                 yield self._out({k: batch[k][j] for k in keys})
 
-    def select(self, indices) -> "Records":
+    def select(self, indices) -> Records:
         return Records(self.ds.select(list(indices)), self.classes)
 
     def column(self, name: str) -> list:
@@ -102,8 +102,10 @@ def _decode(raw: bytes, path: Path, i: int, unit: str = "line") -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}, {unit} {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                        "save the file as UTF-8") from None
+        raise DataError(
+            f"{path}, {unit} {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _check_utf8(path: Path) -> None:
@@ -197,8 +199,10 @@ def _load_table(path: Path, task: str):
         with _quiet_datasets():
             return datasets.load_dataset(kind, data_files=str(path), split="train", **kw)
     except Exception as e:  # a malformed file: say which, with the reader's own words
-        raise DataError(f"task {task!r}: {path} could not be read as {path.suffix[1:].upper()} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(
+            f"task {task!r}: {path} could not be read as {path.suffix[1:].upper()} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _from_disk(path: Path, split_name: str, task: str):
@@ -208,7 +212,9 @@ def _from_disk(path: Path, split_name: str, task: str):
         with _quiet_datasets():
             ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"task {task!r}: {path} is a folder but not one written by datasets' save_to_disk ({e})") from None
+        raise DataError(
+            f"task {task!r}: {path} is a folder but not one written by datasets' save_to_disk ({e})"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split_name not in ds:
             raise DataError(f"task {task!r}: {path} has no split {split_name!r} (it has: {', '.join(ds)})")
@@ -243,8 +249,13 @@ def _hub_dataset(cfg: TaskConfig, split: str):
     except Exception as e:
         if not is_unreachable(e) and "offline" not in str(e).lower() and "couldn't" not in str(e).lower():
             raise
-        raise DataError(f"task {cfg.name!r}: " + hub_hint("dataset", cfg.dataset).replace(
-            "huggingface-cli download, or save_pretrained", "datasets' save_to_disk, or JSONL/CSV files") + " under 'files'") from None
+        raise DataError(
+            f"task {cfg.name!r}: "
+            + hub_hint("dataset", cfg.dataset).replace(
+                "huggingface-cli download, or save_pretrained", "datasets' save_to_disk, or JSONL/CSV files"
+            )
+            + " under 'files'"
+        ) from None
 
 
 # -- checking and normalising one record ---------------------------------------------------------------------------
@@ -274,8 +285,9 @@ def text_value(row: dict, key: str, where: str, task: str, kind: str = "field", 
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise DataError(f"{where}: {kind} {key!r} must be text (a string or a number), got {type(value).__name__} "
-                    f"(task {task!r})")
+    raise DataError(
+        f"{where}: {kind} {key!r} must be text (a string or a number), got {type(value).__name__} (task {task!r})"
+    )
 
 
 def check_messages(messages, where: str, key: str, task: str, answer: bool = True) -> list[dict]:
@@ -285,16 +297,20 @@ def check_messages(messages, where: str, key: str, task: str, answer: bool = Tru
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DataError(f"{where}: {key}[{j}] must be an object with 'role' and 'content', got {type(m).__name__} "
-                            f"(task {task!r})")
+            raise DataError(
+                f"{where}: {key}[{j}] must be an object with 'role' and 'content', got {type(m).__name__} "
+                f"(task {task!r})"
+            )
         for k in ("role", "content"):
             if not isinstance(m.get(k), str):
                 problem = "is missing" if m.get(k) is None else f"must be a string, got {type(m[k]).__name__}"
                 raise DataError(f"{where}: {key}[{j}].{k} {problem} (task {task!r})")
         out.append({"role": m["role"], "content": m["content"]})
     if answer and out[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message of {key!r} must be the assistant's answer (role 'assistant'), got "
-                        f"role {out[-1]['role']!r} (task {task!r})")
+        raise DataError(
+            f"{where}: the last message of {key!r} must be the assistant's answer (role 'assistant'), got "
+            f"role {out[-1]['role']!r} (task {task!r})"
+        )
     return out
 
 
@@ -319,8 +335,10 @@ def _normalise(row: dict, where: str, cfg: TaskConfig) -> dict:
         except (TypeError, ValueError):
             raise DataError(f"{where}: regression label {label!r} is not a number") from None
         if not math.isfinite(label):
-            raise DataError(f"{where}: regression label is {label} (NaN/Inf labels would make every "
-                            f"step of task {cfg.name!r} skip): fix or drop the record")
+            raise DataError(
+                f"{where}: regression label is {label} (NaN/Inf labels would make every "
+                f"step of task {cfg.name!r} skip): fix or drop the record"
+            )
     else:
         label = str(label)
     rec["label"] = label
@@ -350,8 +368,13 @@ def _scratch() -> Path:
     return _TMP[0]
 
 
-def _write(rows: Iterator[tuple[str, dict]], cfg: TaskConfig, limit: int | None,
-           check: Callable[[dict, str], None] | None = None, seen: set | None = None):
+def _write(
+    rows: Iterator[tuple[str, dict]],
+    cfg: TaskConfig,
+    limit: int | None,
+    check: Callable[[dict, str], None] | None = None,
+    seen: set | None = None,
+):
     """Check + normalise every row (up to ``limit``) into an Arrow file; the memory-mapped datasets.Dataset of it."""
     import datasets
     import pyarrow as pa
@@ -430,7 +453,9 @@ def load_task(cfg: TaskConfig) -> TaskData:
         raise DataError(f"task {cfg.name!r}: the training split is empty")
     if cfg.validation_fraction is not None:
         try:
-            train_rows, val_rows = split_validation(len(data.splits["train"]), cfg.validation_fraction, cfg.validation_seed)
+            train_rows, val_rows = split_validation(
+                len(data.splits["train"]), cfg.validation_fraction, cfg.validation_seed
+            )
         except ValueError as e:
             raise DataError(f"task {cfg.name!r}: {e}") from None
         full = data.splits["train"]

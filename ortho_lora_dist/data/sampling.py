@@ -75,8 +75,16 @@ class MultiTaskSampler:
     """Yields this rank's records and task ids of one micro-batch, task-sorted: ``batch`` samples of each task
     (equal), or ``batch * T`` samples shared by a seeded draw (proportional / temperature)."""
 
-    def __init__(self, sizes: list[int], batch: int, seed: int, rank: int = 0, world: int = 1,
-                 mode: str = "equal", temperature: float = 2.0) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        batch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mode: str = "equal",
+        temperature: float = 2.0,
+    ) -> None:
         self.sizes, self.batch, self.rank, self.world, self.seed = sizes, batch, rank, world, seed
         self.mode = mode
         self.probs = task_probabilities(sizes, mode, temperature)
@@ -94,7 +102,9 @@ class MultiTaskSampler:
         if self.mode == "equal":
             return [self.batch] * T
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 + draw * 104_729)
-        picks = torch.multinomial(torch.tensor(self.probs, dtype=torch.float64), self.batch * T, replacement=True, generator=gen)
+        picks = torch.multinomial(
+            torch.tensor(self.probs, dtype=torch.float64), self.batch * T, replacement=True, generator=gen
+        )
         return torch.bincount(picks, minlength=T).tolist()
 
     def next(self) -> list[tuple[int, int]]:
