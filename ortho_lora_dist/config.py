@@ -76,8 +76,8 @@ class TaskConfig(Strict):
     extract: Literal["none", "last_number", "gsm8k"] = Field(
         "none", description="named answer extractor (instead of answer_regex)"
     )
-    normalize: Literal["default", "lowercase", "strip"] = Field(
-        "default", description="answer normalisation before exact_match"
+    normalize: Literal["default", "lowercase", "strip", "list"] = Field(
+        "default", description="answer normalisation before exact_match (list: comma-separated items)"
     )
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
@@ -189,6 +189,12 @@ class TrainConfig(Strict):
         description="samples of EACH task per rank per micro-batch (task_sampling "
         "equal); otherwise a micro-batch holds per_task_batch_size x tasks samples per rank",
     )
+    eval_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="samples per evaluation batch, tasks mixed (default: per_task_batch_size x tasks, at least "
+        "2 x per_task_batch_size: the training micro-batch, which fits in memory with gradients)",
+    )
     task_sampling: Literal["equal", "proportional", "temperature"] = Field(
         "equal",
         description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
@@ -286,13 +292,17 @@ class Config(Strict):
             where = f"tasks.{i} ({t.name!r})"
             if self.model.kind == "encoder-classification" and t.type == "generation":
                 why = f"format {t.format!r} makes it a generation task" if t.format != "text" else "type: generation"
-                raise ValueError(f"{where}: {why}, which needs model.kind: causal-lm (the encoder has one head per "
-                                 "task and generates no text)")
+                raise ValueError(
+                    f"{where}: {why}, which needs model.kind: causal-lm (the encoder has one head per "
+                    "task and generates no text)"
+                )
             if self.model.kind == "causal-lm" and t.type == "regression":
                 raise ValueError(f"{where}: type regression needs model.kind: encoder-classification")
             if self.model.kind == "causal-lm" and t.type == "classification" and not t.label_words:
-                raise ValueError(f"{where}: a classification task on a causal LM needs label_words (the text "
-                                 "each label is scored as)")
+                raise ValueError(
+                    f"{where}: a classification task on a causal LM needs label_words (the text "
+                    "each label is scored as)"
+                )
         return self
 
     @model_validator(mode="after")
@@ -311,6 +321,12 @@ class Config(Strict):
 
 class ConfigError(ValueError):
     """A config problem, with the file and key it is about."""
+
+
+def eval_batch_size(cfg: Config) -> int:
+    """train.eval_batch_size, else per_task_batch_size x tasks (at least 2 x per_task_batch_size)."""
+    tc = cfg.train
+    return tc.eval_batch_size or tc.per_task_batch_size * max(2, len(cfg.tasks))
 
 
 def _model_for(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | None:

@@ -69,35 +69,39 @@ def run_eval(
     model.eval()
     result = EvalResult()
     todo = [(t, task) for t, task in enumerate(tasks) if task.splits.get(split)]
-    calls = sum(math.ceil(math.ceil(len(task.splits[split]) / info.world) / batch_size) for _, task in todo)
+    calls = math.ceil(sum(math.ceil(len(task.splits[split]) / info.world) for _, task in todo) / batch_size)
     bar = progress(total=calls, enabled=progress_bar and info.main and calls > 0, desc=f"eval {split}")
     sums = torch.zeros(len(tasks), dtype=torch.float64)
     counts = torch.zeros(len(tasks), dtype=torch.float64)
+    work: list[tuple[int, int, bool]] = []  # (task, record, real): this rank's share of every task, in task order
+    for t, task in todo:
+        mine, padded = shard(len(task.splits[split]), info.rank, info.world)
+        work += [(t, i, j < len(mine)) for j, i in enumerate(padded)]
+    preds: dict[int, list] = {t: [] for t, _ in todo}
     try:
+        for lo in range(0, len(work), batch_size):  # batches mix tasks: same batches on every rank (equal shares)
+            if should_stop is not None and should_stop():
+                return None
+            chunk = work[lo : lo + batch_size]
+            records = [tasks[t].splits[split][i] for t, i, _ in chunk]
+            batch = to_device(model.collate(records, [t for t, _, _ in chunk]), info.device)
+            for (t, _, real), p in zip(chunk, model.predict(batch)):
+                if real:
+                    preds[t].append(p)
+            if losses:
+                keep = torch.tensor([1.0 if real else 0.0 for _, _, real in chunk])  # pads: weight 0
+                s, c = model.task_loss_sums(batch, keep)
+                sums += s.detach().double().cpu()
+                counts += c.detach().double().cpu()
+            bar.update(1)
         for t, task in todo:
-            records = task.splits[split]
-            mine, padded = shard(len(records), info.rank, info.world)
-            preds: list = []
-            for lo in range(0, len(padded), batch_size):
-                if should_stop is not None and should_stop():
-                    return None
-                idx = padded[lo : lo + batch_size]
-                batch = to_device(model.collate([records[i] for i in idx], [t] * len(idx)), info.device)
-                preds += model.predict(batch)
-                if losses:
-                    keep = torch.tensor([1.0 if lo + j < len(mine) else 0.0 for j in range(len(idx))])  # pads: weight 0
-                    s, c = model.task_loss_sums(batch, keep)
-                    sums += s.detach().double().cpu()
-                    counts += c.detach().double().cpu()
-                bar.update(1)
-            preds = preds[: len(mine)]
-            preds = [p for part in gather_objects(info, preds) for p in part]
+            mine_preds = [p for part in gather_objects(info, preds[t]) for p in part]
             if info.main:
-                finite = all(p is not None and (not isinstance(p, float) or math.isfinite(p)) for p in preds)
-                labels = [r["label"] for r in records]
+                finite = all(p is not None and (not isinstance(p, float) or math.isfinite(p)) for p in mine_preds)
+                labels = [r["label"] for r in task.splits[split]]
                 if task.config.type == "generation":  # the same extraction and normalisation on both sides
                     labels = [answer(task.config, y) for y in labels]
-                result.metrics[task.name] = compute(task.config.metric, labels, preds) if finite else None
+                result.metrics[task.name] = compute(task.config.metric, labels, mine_preds) if finite else None
     finally:
         bar.close()
         model.train(was_training)
@@ -114,16 +118,3 @@ def run_eval(
             if causal:
                 result.perplexity[task.name] = _ppl(loss)
     return result
-
-
-def evaluate(
-    model,
-    tasks: list[TaskData],
-    split: str,
-    info: DistInfo,
-    batch_size: int,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[str, float | None] | None:
-    """{task: metric} (rank 0; other ranks get {}) plus the unweighted average under "average" (no losses)."""
-    result = run_eval(model, tasks, split, info, batch_size, should_stop, losses=False)
-    return None if result is None else result.metrics

@@ -30,6 +30,29 @@ def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> No
             )
 
 
+def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: torch.Tensor):
+    """logits[pick]: [N, V] for the N positions where ``pick`` [B, S] is True, with ``lm_head`` run on those N
+    hidden states only (a forward pre-hook gathers them), through the model's own forward (FSDP's and DeepSpeed's
+    hooks run as always). A model whose head sees other shapes gets the full logits, then the same gather."""
+    head = model.get_output_embeddings()
+    gathered = []
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(pick.shape):
+            gathered.append(True)
+            return (hidden[pick], *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if gathered else logits[pick]
+
+
 class CausalLMMultiTask(nn.Module):
     """Shared LoRA causal LM: tasks as prompt -> answer text, loss on the answer tokens only."""
 
@@ -111,34 +134,42 @@ class CausalLMMultiTask(nn.Module):
         return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
 
     def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        target = batch["labels"][:, 1:].to(logits.device)
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none"
-        )
-        return loss.view(target.shape), (target != -100).float()
+        """(loss [N], row [N]) of the N labelled positions: -log p(label_{s+1} | tokens <= s), in row-major order.
+
+        ``lm_head`` runs on those positions only (labelled_logits): never a [B, S, V] logits tensor."""
+        device = self.device
+        labels = batch["labels"].to(device)
+        target = labels[:, 1:]
+        keep = target != -100
+        pick = torch.zeros_like(labels, dtype=torch.bool)
+        pick[:, :-1] = keep
+        logits = labelled_logits(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pick)
+        loss = F.cross_entropy(logits.float(), target[keep], reduction="none")
+        return loss, keep.nonzero()[:, 0]
 
     def task_losses(self, batch: dict) -> torch.Tensor:
-        loss, mask = self._token_losses(batch)
-        tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
-        return task_mean(loss, tids, len(self.tasks), mask)
+        """L_t = mean over task t's labelled tokens of the token loss: [T]."""
+        loss, rows = self._token_losses(batch)
+        return task_mean(loss, batch["task_ids"].to(loss.device)[rows], len(self.tasks))
 
     def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` (default all): token-weighted."""
-        loss, mask = self._token_losses(batch)
-        if keep is not None:
-            mask = mask * keep.to(mask.device, mask.dtype)[:, None]
-        loss = torch.where(
-            mask > 0, loss, torch.zeros_like(loss)
-        )  # a non-finite loss on a pad/prompt token never leaks in
-        tids = batch["task_ids"].to(loss.device)[:, None].expand_as(loss)
-        return task_sum(loss, tids, len(self.tasks), mask)
+        loss, rows = self._token_losses(batch)
+        weight = torch.ones_like(loss) if keep is None else keep.to(loss.device, loss.dtype)[rows]
+        loss = torch.where(weight > 0, loss, torch.zeros_like(loss))  # a dropped (padding) sample's NaN never leaks
+        return task_sum(loss, batch["task_ids"].to(loss.device)[rows], len(self.tasks), weight)
+
+    def row_loss_sums(self, batch: dict) -> torch.Tensor:
+        """Sum of the labelled tokens' losses of every row: [B] (a verbalizer's score: lowest wins)."""
+        loss, rows = self._token_losses(batch)
+        return torch.zeros(batch["labels"].shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
 
     @torch.no_grad()
     def predict(self, batch: dict, return_text: bool = False) -> list:
         """Per sample: the label index (classification: every label's verbalizer scored, all samples and labels in
-        ONE forward) or the extracted, normalised answer (generation: one left-padded greedy batch per task; see
-        generation.py). None for a non-finite score. ``return_text``: (prediction, generated text or None) pairs.
+        ONE forward) or the extracted, normalised answer (generation: one left-padded greedy batch per set of stop
+        strings, tasks mixed; see generation.py). None for a non-finite score.
+        ``return_text``: (prediction, generated text or None) pairs.
         """
         task_ids, records = batch["task_ids"].tolist(), batch["records"]
         preds: list = [None] * len(records)
@@ -152,9 +183,7 @@ class CausalLMMultiTask(nn.Module):
                 for label in task.labels:
                     prompts.append(prompt)
                     words.append(task.config.label_words[label])
-            enc = self._encode(prompts, words)
-            loss, mask = self._token_losses({k: v.to(self.device) for k, v in enc.items()})
-            scores = (loss * mask).sum(1).tolist()
+            scores = self.row_loss_sums(self._encode(prompts, words)).tolist()
             k = 0
             for i in scored:
                 n = len(self.tasks[task_ids[i]].labels)
@@ -166,20 +195,23 @@ class CausalLMMultiTask(nn.Module):
             and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
         )
-        for t in sorted({t for t in task_ids if self.tasks[t].config.type == "generation"}):
-            rows = [i for i, x in enumerate(task_ids) if x == t]
-            cfg = self.tasks[t].config
+        groups: dict[tuple[str, ...], list[int]] = {}  # one generate call per set of stop strings, tasks mixed
+        for i, t in enumerate(task_ids):
+            if self.tasks[t].config.type == "generation":
+                groups.setdefault(tuple(self.tasks[t].config.generation.stop), []).append(i)
+        for stop, rows in groups.items():
+            configs = [self.tasks[task_ids[i]].config for i in rows]
             out = generate(
                 self.model,
                 self.tokenizer,
-                [self.prompts.prompt(t, records[i]) for i in rows],
+                [self.prompts.prompt(task_ids[i], records[i]) for i in rows],
                 self.max_length,
-                cfg.generation.max_new_tokens,
-                cfg.generation.stop,
+                [c.generation.max_new_tokens for c in configs],
+                list(stop),
                 self.device,
                 synced,
             )
-            for i, text in zip(rows, out):
+            for i, cfg, text in zip(rows, configs, out):
                 preds[i], texts[i] = answer(cfg, text), text
         return list(zip(preds, texts)) if return_text else preds
 

@@ -15,6 +15,8 @@ Scoring a generated text against a reference goes through ``answer(task_config, 
                       free text).
        ``lowercase``  ``default``, then lower-cased
        ``strip``      leading/trailing whitespace only (the old behaviour)
+       ``list``       a comma-separated list: every item stripped, inner whitespace collapsed, joined by
+                      ``", "`` (``b,a`` == ``b, a``; order, case and the items' text kept: ``07`` is not ``7``)
 
 Generation itself: prompts are tokenized like training prompts (cut from the left to ``max_length`` tokens),
 LEFT-padded into one batch (a decoder-only model continues from the last real token of every row; position
@@ -36,7 +38,7 @@ from ortho_lora_dist.data.prompts import prompt_ids
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
 _WHOLE_NUMBER = re.compile(r"^[-+]?\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)\.?$")
 EXTRACTORS = ("none", "last_number", "gsm8k")
-NORMALIZERS = ("default", "lowercase", "strip")
+NORMALIZERS = ("default", "lowercase", "strip", "list")
 
 
 # -- extraction and normalisation ---------------------------------------------------------------------------
@@ -83,6 +85,8 @@ def normalize(text: str, mode: str = "default") -> str:
     text = str(text).strip()
     if mode == "strip":
         return text
+    if mode == "list":
+        return ", ".join(" ".join(item.split()) for item in text.split(","))
     text = " ".join(text.split())
     number = canonical_number(text)
     if number is not None:
@@ -139,15 +143,17 @@ def generate(
     tokenizer,
     prompts: list[str],
     max_length: int,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | list[int] = 32,
     stop: list[str] | None = None,
     device: torch.device | None = None,
     synced: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` in ONE left-padded batch; texts cut at the first stop string.
+    """Greedy continuations of ``prompts`` in ONE left-padded batch (KV cache on); texts cut at the first stop string.
 
-    ``synced``: keep every rank stepping until all ranks are done (needed when the forward is collective,
-    e.g. an FSDP-sharded base): HF's ``synced_gpus``.
+    ``max_new_tokens``: one limit, or one per prompt (prompts of tasks with different limits share a batch: the
+    batch decodes to the largest and every row keeps its own first tokens, which greedy decoding makes the same
+    as decoding it alone to its own limit). ``synced``: keep every rank stepping until all ranks are done (needed
+    when the forward is collective, e.g. an FSDP-sharded base): HF's ``synced_gpus``.
     """
     from transformers import GenerationConfig
 
@@ -167,8 +173,10 @@ def generate(
     base = getattr(model, "generation_config", None)
     config = copy.deepcopy(base) if isinstance(base, GenerationConfig) else GenerationConfig()
     # greedy, whatever the checkpoint's generation_config says (Llama-2's samples at temperature 0.6)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     config.update(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(limits),
+        use_cache=True,
         max_length=None,
         do_sample=False,
         num_beams=1,
@@ -186,5 +194,6 @@ def generate(
 
         kw["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, ids.shape[1], stops)])
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced, **kw)
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    new = out[:, ids.shape[1] :].tolist()
+    texts = tokenizer.batch_decode([row[:limit] for row, limit in zip(new, limits)], skip_special_tokens=True)
     return [cut_at_stop(t, stops).strip() for t in texts]

@@ -21,7 +21,7 @@ from ortho_lora_dist.artifacts.adapter import load_adapter_weights
 from ortho_lora_dist.artifacts.card import write_model_card
 from ortho_lora_dist.artifacts.plots import plot_run
 from ortho_lora_dist.artifacts.write import save_adapter
-from ortho_lora_dist.config import Config
+from ortho_lora_dist.config import Config, eval_batch_size
 from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
@@ -176,7 +176,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, split: str, stop=None) -> EvalResult | None:
         """Metrics (rank 0) and per-task loss / perplexity (all-reduced) on ``split``; None when stopped."""
-        return run_eval(self.model, self.tasks, split, self.info, self.cfg.train.per_task_batch_size, should_stop=stop)
+        return run_eval(self.model, self.tasks, split, self.info, eval_batch_size(self.cfg), should_stop=stop)
 
     def _log_eval(self, result: EvalResult | None) -> None:
         record = eval_record(self.state.step, result) if self.info.main and self.telemetry is not None else None

@@ -28,6 +28,7 @@ MUTABLE = (
     r"train\.plots",
     r"train\.max_consecutive_skips",
     r"train\.per_task_batch_size",
+    r"train\.eval_batch_size",
     r"tasks\.\d+\.max_eval_samples",
     r"output_dir",
     r"distributed\.backend",

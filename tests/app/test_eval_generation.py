@@ -154,8 +154,13 @@ def test_batched_verbalizer_scoring_equals_one_sample_at_a_time(lm):
         words = [tasks[0].config.label_words[label] for label in tasks[0].labels]
         enc = model._encode([model.prompts.prompt(0, r)] * len(words), words)
         with torch.no_grad():
-            loss, mask = model._token_losses(enc)
-        want.append(int((loss * mask).sum(1).argmin()))
+            logits = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1]
+            target = enc["labels"][:, 1:]
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none"
+            )
+            loss = loss.view(target.shape) * (target != -100)
+        want.append(int(loss.sum(1).argmin()))  # the full-logits computation, every label word's tokens summed
     assert got == want and len(set(got)) >= 1
 
 
