@@ -8,6 +8,12 @@ medians. ``--clock cpu`` times the process's CPU time instead of wall time (less
 processes on a shared machine); ``--no-reference`` skips the slow T-backward reference.
 
     python bench/step_time.py --tasks 3 8 --steps 20
+
+SmolLM2 mode (``--model DIR``, a causal-LM folder, e.g. the LLM demo's ``data/demo_llm/model``): the real
+135M model instead of the tiny one, LoRA r=8 on all linear layers, the loss on the last ``--answer-tokens``
+positions of every row (``logits_to_keep``: lm_head on those only, as training on answers does):
+
+    python bench/step_time.py --model data/demo_llm/model --tasks 4 --per-task 2 --seq 64 --rank 8 --no-reference
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ def build(args, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(model, lora)
     cfg = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -40,12 +52,19 @@ def build(args, seed=0):
     return get_peft_model(model, lora)
 
 
+ANSWER = 0  # main() sets it: the loss on the last ANSWER positions only (0: all)
+
+
 def task_losses(model, ids, tids, T):
     from ortho_lora_dist import task_mean
 
-    logits = model(input_ids=ids).logits[:, :-1]
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return task_mean(tok.view(ids.shape[0], -1), tids[:, None].expand(-1, ids.shape[1] - 1), T)
+    if ANSWER:  # lm_head on the last ANSWER + 1 positions; the last predicts nothing
+        logits = model(input_ids=ids, logits_to_keep=ANSWER + 1).logits[:, :-1]
+        target = ids[:, -ANSWER:]
+    else:
+        logits, target = model(input_ids=ids).logits[:, :-1], ids[:, 1:]
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return task_mean(tok.view(ids.shape[0], -1), tids[:, None].expand(-1, target.shape[1]), T)
 
 
 def make_steps(args, T, reference: bool = True):
@@ -97,6 +116,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--model", help="a causal-LM folder (e.g. data/demo_llm/model) instead of the tiny Llama")
+    p.add_argument("--answer-tokens", type=int, help="loss on the last N positions (default: all; --model: 16)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or this process's CPU time")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -105,6 +126,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global ANSWER
+    ANSWER = args.answer_tokens if args.answer_tokens is not None else (16 if args.model else 0)
+    if args.model:
+        from transformers import AutoConfig
+
+        args.vocab = AutoConfig.from_pretrained(args.model).vocab_size
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     report = []
     for T in args.tasks:
@@ -120,6 +147,8 @@ def main(argv=None):
                 times[name].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
+            "model": args.model or "tiny-llama",
+            "answer_tokens": ANSWER,
             "tasks": T,
             "model_params": n_total,
             "lora_params": n_lora,

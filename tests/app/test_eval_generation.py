@@ -143,6 +143,31 @@ def test_batched_left_padded_generation_equals_one_at_a_time(lm):
     assert [t for _, t in pairs] == batched[:7] and [p for p, _ in pairs] == [normalize(t) for t in batched[:7]]
 
 
+def test_mixed_max_new_tokens_in_one_batch_equal_each_alone(lm):
+    """Rows with different max_new_tokens share one batch (decoded to the largest): each row's text is what
+    decoding it alone to its own limit gives."""
+    model, tasks, tok = lm
+    prompts = [model.prompts.prompt(1, r) for r in tasks[1].splits["validation"]][:5]
+    limits = [1, 3, 8, 2, 5]
+    mixed = generate(model.model, tok, prompts, 24, max_new_tokens=limits)
+    alone = [generate(model.model, tok, [p], 24, max_new_tokens=n)[0] for p, n in zip(prompts, limits)]
+    assert mixed == alone and len(set(mixed)) > 1
+
+
+def test_eval_with_tasks_mixed_in_a_batch_equals_one_record_at_a_time(lm):
+    """run_eval's batches mix tasks (a verbalizer task and a generation task here): the same metrics and the
+    same losses (1e-5 relative: other padded shapes) as batches of one record."""
+    from ortho_lora_dist.evaluation.evaluate import run_eval
+    from ortho_lora_dist.training.engine_setup import DistInfo
+
+    model, tasks, _ = lm
+    info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    one = run_eval(model, tasks, "validation", info, batch_size=1, progress_bar=False)
+    mixed = run_eval(model, tasks, "validation", info, batch_size=5, progress_bar=False)  # 7 + 7: batch 2 mixes
+    assert mixed.metrics == one.metrics
+    assert mixed.loss == pytest.approx(one.loss, rel=1e-5)
+
+
 def test_batched_verbalizer_scoring_equals_one_sample_at_a_time(lm):
     """All (sample, label word) rows in one forward pick the same labels as scoring each sample's words alone."""
     model, tasks, _ = lm
