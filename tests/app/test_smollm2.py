@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from ortho_lora_dist.cli import main as cli
 from ortho_lora_dist.config import load_config
@@ -49,9 +50,11 @@ def smol(tmp_path_factory) -> dict:
     data = tmp_path_factory.mktemp("demo_llm")
     prepare_llm_demo(data, **SIZES, model_dir=model)
     overrides = [f"model.name_or_path={model}", "lora.dropout=0.0", "train.plots=false", "train.report_to=[]"]
-    for i, name in enumerate(TASKS):
+    names = [t["name"] for t in yaml.safe_load(CONFIG.read_text())["tasks"]]  # the demo's tasks (4 of the 5)
+    assert set(names) <= set(TASKS) and len(names) >= 4
+    for i, name in enumerate(names):
         overrides += [f"tasks.{i}.files.{split}={data / name / f'{split}.jsonl'}" for split in SIZES]
-    return {"model": model, "data": data, "tasks": list(TASKS), "overrides": overrides}
+    return {"model": model, "data": data, "tasks": names, "overrides": overrides}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +89,12 @@ def test_labelled_positions_head_equals_full_logits(built):
     """lm_head on the answer positions only: the same per-task losses, loss sums and row sums as full logits."""
     cfg, tasks, _, model = built
     batch = _mixed_batch(model, tasks)
+    shapes: list = []  # what lm_head computes: [N, V] for the N labelled positions, never [B, S, V]
+    hook = model.model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
     with torch.no_grad():
         got = model.task_losses(batch)
+    hook.remove()
+    with torch.no_grad():
         sums, counts = model.task_loss_sums(batch)
         rows = model.row_loss_sums(batch)
         logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -97,6 +104,7 @@ def test_labelled_positions_head_equals_full_logits(built):
     )
     full = flat.view(target.shape) * (target != -100)  # [B, S-1]: the full computation (what the code did before)
     assert logits.shape[-1] == 49152 and int((target != -100).sum()) < target.numel() // 4
+    assert shapes == [(int((target != -100).sum()), 49152)]
     want_rows = full.sum(1)
     mask = (target != -100).float()
     want = torch.stack(
