@@ -36,7 +36,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def shard_for_fsdp(model: nn.Module) -> None:
-    """FSDP2: shard the frozen base; LoRA factors and task heads stay replicated (see core/engines/fsdp.py)."""
+    """FSDP2: shard the frozen base; LoRA factors and task heads stay replicated (see core/engines/fsdp.py).
+
+    The FSDP root is the HF model inside PEFT (``get_base_model()``), not our wrapper: its ``forward`` is what
+    training (through PEFT) and ``generate`` both call, so the root's parameters outside the blocks (a Llama's
+    embeddings, final norm, lm_head) are gathered on every call. The wrapper's forward is never called."""
     keep = [lin.weight for _, _, lin in find_lora_factors(model)]
     keep += [p for p in model.parameters() if p.requires_grad and all(p is not k for k in keep)]
-    shard_base(model, keep)
+    shard_base(model.peft_model.get_base_model(), keep)
