@@ -27,6 +27,9 @@ class ModelConfig(Strict):
     pooling: Literal["mean", "cls"] = "mean"
     max_length: int = Field(128, gt=0)
     trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="causal-lm: transformers' attention implementation (default: transformers' choice, sdpa)"
+    )
 
 
 class LoraConfigModel(Strict):
@@ -203,6 +206,11 @@ class TrainConfig(Strict):
     temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
     gradient_accumulation: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    packing: bool = Field(
+        False,
+        description="causal-lm: pack each micro-batch's samples into rows of at most model.max_length tokens, "
+        "attention inside each sample (sdpa / eager; flash_attention_2: one row); exact per-task gradients",
+    )
     max_grad_norm: float = Field(0.0, ge=0, description="0: no clipping")
     seed: int = 0
     log_every: int = Field(10, gt=0)
@@ -303,6 +311,15 @@ class Config(Strict):
                     f"{where}: a classification task on a causal LM needs label_words (the text "
                     "each label is scored as)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_needs_a_causal_lm(self) -> Config:
+        if self.train.packing and self.model.kind != "causal-lm":
+            raise ValueError(
+                "train.packing: packs causal-LM token sequences; model.kind is encoder-classification (one pooled "
+                "vector per sample): set train.packing: false"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,7 +4,9 @@ Samples in a batch do not interact inside a LoRA factor, so autograd's weight gr
 grad_W = sum over tokens of delta^T u (delta: gradient at the factor's output, u: its input), splits
 exactly by task:  grad_W[t] = sum over tokens of samples in task t of delta^T u.  For lora_B, u = A x
 and delta carries the LoRA scaling s; for lora_A, u = dropout(x) and delta = B^T (s * dL/dh). So the
-paper's per-task gradients come out of one backward plus T small matmuls per factor.
+paper's per-task gradients come out of one backward plus T small matmuls per factor. The sum is over
+tokens, so it splits the same way when a row holds several samples of several tasks (packed sequences,
+attention kept inside each sample): ``set_tasks`` then takes the task of every token, [batch, seq].
 
 Each PEFT ``lora_A[adapter]`` / ``lora_B[adapter]`` nn.Linear gets its class swapped to
 ``_TaskLinear`` (same parameters, same state dict): its forward saves its input as autograd does,
@@ -29,23 +31,30 @@ from ortho_lora_dist.core.buffer import TaskGradBuffer
 from ortho_lora_dist.core.comm import Comm, LocalComm
 from ortho_lora_dist.core.layout import Layout, LoraFactor, build_layout
 
-# How the rows of a batch split into tasks, decided once per batch in set_tasks:
-#   ("bmm", T, n)         rows sorted by task, n rows for each of the T tasks: one batched matmul
-#   ("slice", t, lo, hi)  task t owns the contiguous rows [lo, hi): a view, no copy
-#   ("index", t, rows)    task t owns scattered rows: index_select
+# How the rows of a batch split into tasks, decided once per batch in set_tasks (rows: the samples of a
+# [batch, ...] input, or its tokens, flattened, when set_tasks got a [batch, seq] tensor of per-token task ids):
+#   ("bmm", T, n)              rows sorted by task, n rows for each of the T tasks: one batched matmul
+#   ("slice", t, lo, hi)       task t owns the contiguous rows [lo, hi): a view, no copy
+#   ("perm", order, spans)     scattered rows: ONE index_select by ``order`` (rows sorted by task, padding
+#                              dropped), shared by every factor, then task t owns the slice spans[t] of it
 Groups = list[tuple]
 
 
 def _task_groups(task_ids: torch.Tensor, num_tasks: int) -> Groups:
+    """The grouping of the rows of ``task_ids`` [N] (-1: a padding row, in no task)."""
     ids = task_ids.tolist()
     n = len(ids)
     if n % num_tasks == 0 and ids == [t for t in range(num_tasks) for _ in range(n // num_tasks)] and num_tasks > 1:
         return [("bmm", num_tasks, n // num_tasks)]
     starts = [0] + [i for i in range(1, n) if ids[i] != ids[i - 1]]
-    runs = [(ids[s], s, e) for s, e in zip(starts, starts[1:] + [n])]
+    runs = [(ids[s], s, e) for s, e in zip(starts, starts[1:] + [n]) if ids[s] >= 0]
     if len({t for t, _, _ in runs}) == len(runs):  # every task in one contiguous run
         return [("slice", t, s, e) for t, s, e in runs]
-    return [("index", t, (task_ids == t).nonzero().squeeze(1)) for t in sorted(set(ids))]
+    order = torch.argsort(torch.where(task_ids < 0, num_tasks, task_ids), stable=True)
+    counts = torch.bincount(task_ids[task_ids >= 0], minlength=num_tasks).tolist()
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    spans = [(t, e - c, e) for t, (c, e) in enumerate(zip(counts, ends)) if c]
+    return [("perm", order[: ends[-1]], spans)]
 
 
 class CaptureState:
@@ -56,6 +65,8 @@ class CaptureState:
         self.grads = grads
         self.task_ids: torch.Tensor | None = None
         self.batch = -1  # samples of the current batch (-1: set_tasks not called yet)
+        self.shape: tuple[int, ...] = ()  # of task_ids: (batch,) per sample, (batch, seq) per token
+        self.tokens = False  # per-token task ids: the factors' inputs are [batch, seq, features]
         self.groups: Groups = []
         self._anchors: dict[torch.device, torch.Tensor] = {}
 
@@ -67,30 +78,52 @@ class CaptureState:
         return a
 
     def set_tasks(self, task_ids: torch.Tensor) -> None:
-        """Declare the task of every sample (dim 0) of the next forward/backward."""
-        task_ids = torch.as_tensor(task_ids).reshape(-1).long()
-        if task_ids.numel() == 0:
-            raise ValueError("task_ids is empty")
-        lo, hi = int(task_ids.min()), int(task_ids.max())
-        if lo < 0 or hi >= self.num_tasks:
-            raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}], got range [{lo}, {hi}]")
-        self.groups = _task_groups(task_ids, self.num_tasks)
+        """Declare the task of every sample (``task_ids`` [batch]) or of every token (``task_ids`` [batch, seq], -1:
+        padding, in no task: packed rows) of the next forward/backward."""
+        task_ids = torch.as_tensor(task_ids).long()
+        if task_ids.dim() > 2 or task_ids.numel() == 0:
+            raise ValueError(f"task_ids must be [batch] or [batch, seq] and not empty, got shape {tuple(task_ids.shape)}")
+        self.tokens = task_ids.dim() == 2
+        flat = task_ids.reshape(-1)
+        real = flat[flat >= 0] if self.tokens else flat
+        if real.numel() == 0:
+            raise ValueError("task_ids has no token of any task (all -1)")
+        lo, hi = int(flat.min()), int(real.max())
+        if lo < (-1 if self.tokens else 0) or hi >= self.num_tasks:
+            pad = " (or -1 for a padding token)" if self.tokens else ""
+            raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}]{pad}, got range [{lo}, {hi}]")
+        self.groups = _task_groups(flat, self.num_tasks)
         self.grads.start_micro_batch()
-        self.task_ids, self.batch = task_ids, task_ids.numel()
+        self.task_ids, self.shape = task_ids, tuple(task_ids.shape)
+        self.batch = self.shape[0]
 
 
 def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> RuntimeError:
     if state.task_ids is None:
         return RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+    if state.tokens:
+        return RuntimeError(
+            f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the per-token task ids are "
+            f"{list(state.shape)}: per-token capture needs inputs shaped [batch, seq, features]"
+        )
     return RuntimeError(
         f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the batch has "
         f"{state.batch} samples: per-task capture needs inputs shaped [batch, ..., features]"
     )
 
 
-def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Groups) -> None:
-    """slot[t] += g_t^T u_t, g_t / u_t: the rows of task t of the output gradient / the input, flattened to 2-D."""
+def _fits(x: torch.Tensor, state: CaptureState) -> bool:
+    if state.tokens:
+        return x.dim() == 3 and tuple(x.shape[:2]) == state.shape
+    return x.dim() >= 2 and x.shape[0] == state.batch
+
+
+def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Groups, tokens: bool) -> None:
+    """slot[t] += g_t^T u_t, g_t / u_t: the rows of task t of the output gradient / the input, flattened to 2-D
+    (``tokens``: rows are the tokens of [batch, seq, features] inputs)."""
     d_in, d_out = u.shape[-1], g.shape[-1]
+    if tokens:
+        g, u = g.reshape(-1, d_out), u.reshape(-1, d_in)
     same = slot.dtype == g.dtype  # else (bf16 buffer): fp32 product, rounded once into the slot
     for group in groups:
         if group[0] == "bmm":  # all T tasks at once: rows sorted by task, n per task
@@ -98,13 +131,15 @@ def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Gr
             gt, ut = g.reshape(T, -1, d_out).transpose(1, 2), u.reshape(T, -1, d_in)
             slot.baddbmm_(gt, ut) if same else slot.add_(torch.bmm(gt, ut))
             continue
-        if group[0] == "slice":
-            _, t, lo, hi = group
-            g2, u2 = g[lo:hi].reshape(-1, d_out), u[lo:hi].reshape(-1, d_in)
+        if group[0] == "perm":  # one gather of the rows in task order, then a slice per task
+            _, order, spans = group
+            gs, us = g.index_select(0, order), u.index_select(0, order)
+            pieces = [(t, gs[lo:hi].reshape(-1, d_out), us[lo:hi].reshape(-1, d_in)) for t, lo, hi in spans]
         else:
-            _, t, rows = group
-            g2, u2 = g.index_select(0, rows).reshape(-1, d_out), u.index_select(0, rows).reshape(-1, d_in)
-        slot[t].addmm_(g2.t(), u2) if same else slot[t].add_(g2.t() @ u2)
+            _, t, lo, hi = group
+            pieces = [(t, g[lo:hi].reshape(-1, d_out), u[lo:hi].reshape(-1, d_in))]
+        for t, g2, u2 in pieces:
+            slot[t].addmm_(g2.t(), u2) if same else slot[t].add_(g2.t() @ u2)
 
 
 class _TaskLinearFn(torch.autograd.Function):
@@ -113,7 +148,7 @@ class _TaskLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: _TaskLinear) -> torch.Tensor:
         state = module._olr_state
-        if x.dim() < 2 or x.shape[0] != state.batch:
+        if not _fits(x, state):
             raise _bad_input(module, x, state)
         ctx.x_dtype = x.dtype
         dev = x.device.type
@@ -122,7 +157,7 @@ class _TaskLinearFn(torch.autograd.Function):
             x = x.to(dtype)
         if weight.dtype != dtype:
             weight = weight.to(dtype)
-        ctx.grads, ctx.index, ctx.groups = state.grads, module._olr_index, state.groups
+        ctx.grads, ctx.index, ctx.groups, ctx.tokens = state.grads, module._olr_index, state.groups, state.tokens
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight)
 
@@ -132,7 +167,7 @@ class _TaskLinearFn(torch.autograd.Function):
         if grad_out.dtype != w.dtype:
             grad_out = grad_out.to(w.dtype)
         grads, index = ctx.grads, ctx.index
-        _accumulate(grads.slot(index), grad_out, x, ctx.groups)
+        _accumulate(grads.slot(index), grad_out, x, ctx.groups, ctx.tokens)
         grads.factor_done(index)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
@@ -193,7 +228,7 @@ def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
 class TaskGradCapture:
     """Installs per-task gradient capture on every LoRA factor of a PEFT model.
 
-    After ``set_tasks(task_ids)``, a forward and ``loss.backward()`` leave the per-task LoRA gradients
+    After ``set_tasks(task_ids)`` (per sample, or per token for packed rows), a forward and ``loss.backward()`` leave the per-task LoRA gradients
     (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
     """
 

@@ -130,9 +130,11 @@ class OrthoLoRA:
 
     # -- capture ---------------------------------------------------------------------------------------
     def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
-        """Declare the task of every sample of the next micro-batch (dim 0 of the model inputs)."""
+        """Declare the task of every sample of the next micro-batch ([batch]: dim 0 of the model inputs), or of
+        every token of packed rows ([batch, seq], -1 for padding)."""
         if self.capture is not None:
-            self.capture.set_tasks(torch.zeros_like(torch.as_tensor(task_ids)) if self.loss_only else task_ids)
+            ids = torch.as_tensor(task_ids)
+            self.capture.set_tasks(ids.clamp(max=0) if self.loss_only else ids)  # loss-only: one task (pads stay -1)
 
     def backward(
         self,

@@ -12,6 +12,7 @@ from torch import nn
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.core.losses import task_mean, task_sum
 from ortho_lora_dist.data.loading import DataError, TaskData
+from ortho_lora_dist.data.packing import pack
 from ortho_lora_dist.data.prompts import prompt_ids
 from ortho_lora_dist.models.generation import answer, generate
 from ortho_lora_dist.models.loading import DTYPES, attach_lora, from_pretrained, placement, quantization
@@ -30,10 +31,43 @@ def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> No
             )
 
 
-def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: torch.Tensor):
+# Attention implementations whose transformers code keeps packed samples apart from position_ids alone:
+# sdpa / eager through masking_utils' packed-sequence mask, flash_attention_2 through its varlen path (one row).
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_packing(model: nn.Module, model_name: str) -> str:
+    """The loaded model's attention implementation if packed rows keep attention inside each sample, else a
+    ValueError naming it (and what to set)."""
+    import sys
+
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in PACKED_ATTENTION:
+        raise ValueError(
+            f"train.packing: {model_name} runs attention with {impl!r}; packed rows need one of "
+            f"{', '.join(PACKED_ATTENTION)} (set model.attn_implementation) or train.packing: false"
+        )
+    module = sys.modules.get(type(model).__module__)
+    if impl != "flash_attention_2" and not hasattr(module, "create_causal_mask"):
+        raise ValueError(
+            f"train.packing: {type(model).__name__} builds its attention mask without transformers' masking_utils, "
+            "which is what reads sample boundaries from position_ids: attention would cross samples; use "
+            "train.packing: false (or flash_attention_2)"
+        )
+    return impl
+
+
+def labelled_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pick: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+):
     """logits[pick]: [N, V] for the N positions where ``pick`` [B, S] is True, with ``lm_head`` run on those N
     hidden states only (a forward pre-hook gathers them), through the model's own forward (FSDP's and DeepSpeed's
-    hooks run as always). A model whose head sees other shapes gets the full logits, then the same gather."""
+    hooks run as always). A model whose head sees other shapes gets the full logits, then the same gather.
+    Packed rows: ``position_ids`` restarting per sample and no ``attention_mask`` (see data/packing.py)."""
     head = model.get_output_embeddings()
     gathered = []
 
@@ -46,7 +80,9 @@ def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
     finally:
         if handle is not None:
             handle.remove()
@@ -76,8 +112,12 @@ class CausalLMMultiTask(nn.Module):
             dtype=DTYPES[cfg.model.dtype],
             quantization_config=quantization(cfg.model, quant_storage),
             trust_remote_code=cfg.model.trust_remote_code,
+            **({"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}),
             **placement(cfg.model),
         )
+        self.attn_implementation = getattr(base.config, "_attn_implementation", None) or "eager"
+        if cfg.train.packing:
+            check_packing(base, cfg.model.name_or_path)
         self.model = attach_lora(base, cfg, adapter_dir)
         self.tasks, self.tokenizer, self.max_length = tasks, tokenizer, cfg.model.max_length
         self.prompts = Prompts(tokenizer, tasks)
@@ -94,14 +134,14 @@ class CausalLMMultiTask(nn.Module):
     def task_params(self) -> dict[int, list[nn.Parameter]]:
         return {}
 
-    def _encode(
+    def _tokenize(
         self,
         prompts: list[str],
         answers: list[str],
         eos: list[bool] | None = None,
         prompt_loss: list[bool] | None = None,
-    ) -> dict:
-        """Token ids, mask and labels: prompt + answer (+ EOS); labels -100 on the prompt unless ``prompt_loss``."""
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sample: token ids prompt + answer (+ EOS), labels -100 on the prompt unless ``prompt_loss``."""
         tok, ids, labels = self.tokenizer, [], []
         eos = eos or [True] * len(prompts)
         prompt_loss = prompt_loss or [False] * len(prompts)
@@ -112,56 +152,85 @@ class CausalLMMultiTask(nn.Module):
             p_ids = prompt_ids(tok, p, max(1, self.max_length - len(a_ids)), self.max_length)  # cut from the left
             ids.append(p_ids + a_ids)
             labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
+        return ids, labels
+
+    def _encode(self, prompts: list[str], answers: list[str], eos=None, prompt_loss=None) -> dict:
+        """Right-padded rows, one sample each: input_ids, attention_mask, labels."""
+        ids, labels = self._tokenize(prompts, answers, eos, prompt_loss)
         width = max(map(len, ids))
-        pad = tok.pad_token_id
+        pad = self.tokenizer.pad_token_id
         return {
             "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
             "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
         }
 
-    def collate(self, records: list[dict], task_ids: list[int]) -> dict:
+    def _training_texts(self, records: list[dict], task_ids: list[int]) -> tuple:
         P = self.prompts
         rendered = [P.render(t, r["messages"], True) if P.is_chat(t) else None for t, r in zip(task_ids, records)]
         prompts = [P.prompt(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
         targets = [P.target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]  # each prompt rendered once
-        enc = self._encode(
-            prompts,
-            [a for a, _ in targets],
-            [e for _, e in targets],
-            [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids],
-        )
+        train_on_inputs = [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids]
+        return prompts, [a for a, _ in targets], [e for _, e in targets], train_on_inputs
+
+    def collate(self, records: list[dict], task_ids: list[int]) -> dict:
+        """One right-padded row per sample."""
+        enc = self._encode(*self._training_texts(records, task_ids))
         return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
 
-    def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss [N], row [N]) of the N labelled positions: -log p(label_{s+1} | tokens <= s), in row-major order.
+    def collate_packed(self, records: list[dict], task_ids: list[int]) -> dict:
+        """The same samples packed into rows of at most model.max_length tokens (flash_attention_2: one row, no
+        padding), attention inside each sample; ``token_task_ids`` [R, W] for the capture (data/packing.py)."""
+        ids, labels = self._tokenize(*self._training_texts(records, task_ids))
+        one_row = self.attn_implementation == "flash_attention_2"
+        capacity = sum(map(len, ids)) if one_row else self.max_length
+        packed = pack(ids, labels, task_ids, capacity, self.tokenizer.pad_token_id)
+        return {**packed, "task_ids": torch.tensor(task_ids), "records": records}
 
-        ``lm_head`` runs on those positions only (labelled_logits): never a [B, S, V] logits tensor."""
+    def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss [N], row [N], task [N] or None without task ids) of the N labelled positions: -log p(label_{s+1} | tokens <= s), row-major.
+
+        ``lm_head`` runs on those positions only (labelled_logits): never a [B, S, V] logits tensor. Packed rows
+        (``position_ids``, no ``attention_mask``): a position's task is its token's, not its row's."""
         device = self.device
         labels = batch["labels"].to(device)
         target = labels[:, 1:]
         keep = target != -100
         pick = torch.zeros_like(labels, dtype=torch.bool)
         pick[:, :-1] = keep
-        logits = labelled_logits(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pick)
+        mask = batch.get("attention_mask")
+        position_ids = batch.get("position_ids")
+        logits = labelled_logits(
+            self.model,
+            batch["input_ids"].to(device),
+            None if mask is None else mask.to(device),
+            pick,
+            None if position_ids is None else position_ids.to(device),
+        )
         loss = F.cross_entropy(logits.float(), target[keep], reduction="none")
-        return loss, keep.nonzero()[:, 0]
+        rows = keep.nonzero()[:, 0]
+        if "token_task_ids" in batch:
+            return loss, rows, batch["token_task_ids"].to(device)[:, 1:][keep]
+        return loss, rows, batch["task_ids"].to(device)[rows] if "task_ids" in batch else None
 
     def task_losses(self, batch: dict) -> torch.Tensor:
-        """L_t = mean over task t's labelled tokens of the token loss: [T]."""
-        loss, rows = self._token_losses(batch)
-        return task_mean(loss, batch["task_ids"].to(loss.device)[rows], len(self.tasks))
+        """L_t = mean over task t's labelled tokens of the token loss: [T] (padded or packed rows alike)."""
+        loss, _, tasks = self._token_losses(batch)
+        return task_mean(loss, tasks, len(self.tasks))
 
     def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` (default all): token-weighted."""
-        loss, rows = self._token_losses(batch)
+        """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` [B] (default all; padded rows
+        only): token-weighted."""
+        loss, rows, tasks = self._token_losses(batch)
+        if keep is not None and "token_task_ids" in batch:
+            raise ValueError("task_loss_sums: keep selects rows of a padded batch, not of packed rows")
         weight = torch.ones_like(loss) if keep is None else keep.to(loss.device, loss.dtype)[rows]
         loss = torch.where(weight > 0, loss, torch.zeros_like(loss))  # a dropped (padding) sample's NaN never leaks
-        return task_sum(loss, batch["task_ids"].to(loss.device)[rows], len(self.tasks), weight)
+        return task_sum(loss, tasks, len(self.tasks), weight)
 
     def row_loss_sums(self, batch: dict) -> torch.Tensor:
         """Sum of the labelled tokens' losses of every row: [B] (a verbalizer's score: lowest wins)."""
-        loss, rows = self._token_losses(batch)
+        loss, rows, _ = self._token_losses(batch)
         return torch.zeros(batch["labels"].shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
 
     @torch.no_grad()

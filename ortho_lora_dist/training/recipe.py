@@ -146,12 +146,13 @@ class Trainer:
     def train_step(self) -> tuple[StepResult, torch.Tensor]:
         """One optimizer step; returns the step's result and this rank's per-task losses (mean over micro-batches)."""
         accum = self.cfg.train.gradient_accumulation
+        collate = self.model.collate_packed if self.cfg.train.packing else self.model.collate
         losses = torch.zeros(len(self.tasks))
         for _ in range(accum):
             picks = self.sampler.next()
             records = [self.tasks[t].splits["train"][i] for t, i in picks]
-            batch = to_device(self.model.collate(records, [t for t, _ in picks]), self.info.device)
-            self.olr.set_tasks(batch["task_ids"])
+            batch = to_device(collate(records, [t for t, _ in picks]), self.info.device)
+            self.olr.set_tasks(batch.get("token_task_ids", batch["task_ids"]))  # per token when packed
             task_losses = self.model.task_losses(batch)
             losses += task_losses.detach().float().cpu() / accum
             self.olr.backward(task_losses / accum, self.loss_weights)
