@@ -82,7 +82,8 @@ class CaptureState:
         padding, in no task: packed rows) of the next forward/backward."""
         task_ids = torch.as_tensor(task_ids).long()
         if task_ids.dim() > 2 or task_ids.numel() == 0:
-            raise ValueError(f"task_ids must be [batch] or [batch, seq] and not empty, got shape {tuple(task_ids.shape)}")
+            shape = tuple(task_ids.shape)
+            raise ValueError(f"task_ids must be [batch] or [batch, seq] and not empty, got shape {shape}")
         self.tokens = task_ids.dim() == 2
         flat = task_ids.reshape(-1)
         real = flat[flat >= 0] if self.tokens else flat
@@ -228,8 +229,8 @@ def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
 class TaskGradCapture:
     """Installs per-task gradient capture on every LoRA factor of a PEFT model.
 
-    After ``set_tasks(task_ids)`` (per sample, or per token for packed rows), a forward and ``loss.backward()`` leave the per-task LoRA gradients
-    (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
+    After ``set_tasks(task_ids)`` (per sample, or per token for packed rows), a forward and ``loss.backward()``
+    leave the per-task LoRA gradients (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
     """
 
     def __init__(

@@ -188,7 +188,8 @@ class CausalLMMultiTask(nn.Module):
         return {**packed, "task_ids": torch.tensor(task_ids), "records": records}
 
     def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(loss [N], row [N], task [N] or None without task ids) of the N labelled positions: -log p(label_{s+1} | tokens <= s), row-major.
+        """(loss [N], row [N], task [N] or None without task ids) of the N labelled positions, row-major:
+        -log p(label_{s+1} | tokens <= s).
 
         ``lm_head`` runs on those positions only (labelled_logits): never a [B, S, V] logits tensor. Packed rows
         (``position_ids``, no ``attention_mask``): a position's task is its token's, not its row's."""
