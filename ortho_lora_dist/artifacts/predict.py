@@ -46,8 +46,10 @@ def _record(row, where: str, tasks: dict[str, dict]) -> dict:
         if fmt == "chat":
             rec["messages"] = check_messages(row.get("messages"), where, "messages", name, answer=False)
         else:
-            rec.update(instruction=text_value(row, "instruction", where, name),
-                       input=text_value(row, "input", where, name, optional=True) or "")
+            rec.update(
+                instruction=text_value(row, "instruction", where, name),
+                input=text_value(row, "input", where, name, optional=True) or "",
+            )
         if row.get("id") is not None:
             rec["id"] = row["id"]
         return rec

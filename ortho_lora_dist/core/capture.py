@@ -230,7 +230,8 @@ class TaskGradCapture:
     """Installs per-task gradient capture on every LoRA factor of a PEFT model.
 
     After ``set_tasks(task_ids)`` (per sample, or per token for packed rows), a forward and ``loss.backward()``
-    leave the per-task LoRA gradients (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py); LoRA ``.grad`` stays None.
+    leave the per-task LoRA gradients (summed over micro-batches) in ``grads`` (a TaskGradBuffer, see buffer.py);
+    LoRA ``.grad`` stays None.
     """
 
     def __init__(

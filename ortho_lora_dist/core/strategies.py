@@ -37,8 +37,15 @@ from ortho_lora_dist.core.options import checked_options, keyword_options
 from ortho_lora_dist.core.projection import combine_weights, joint_weights
 
 __all__ = [
-    "GRAM_STRATEGIES", "LOSS_STRATEGIES", "STRATEGIES", "SOLVER_STRATEGIES", "STATEFUL_STRATEGIES",
-    "Strategy", "LossOnly", "make_strategy", "strategy_options",
+    "GRAM_STRATEGIES",
+    "LOSS_STRATEGIES",
+    "STRATEGIES",
+    "SOLVER_STRATEGIES",
+    "STATEFUL_STRATEGIES",
+    "Strategy",
+    "LossOnly",
+    "make_strategy",
+    "strategy_options",
 ]
 
 TORCHJD_STRATEGIES = ("upgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "dualproj", "pcgrad", "gradvac")

@@ -19,8 +19,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # a tokenizer saved by save_pretrained leaves at least one of these (fast, slow WordPiece / BPE, SentencePiece)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def check_model_folder(path: str, name: str) -> None:
@@ -64,13 +71,15 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     check_model_folder(path, cfg.name_or_path)
-    tok = from_pretrained(AutoTokenizer.from_pretrained, path, cfg.name_or_path, "tokenizer",
-                          trust_remote_code=cfg.trust_remote_code)
+    tok = from_pretrained(
+        AutoTokenizer.from_pretrained, path, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code
+    )
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:
-            raise ModelUnavailable(f"model.name_or_path: the tokenizer of {cfg.name_or_path} has no pad, eos or unk "
-                                   "token to pad with")
+            raise ModelUnavailable(
+                f"model.name_or_path: the tokenizer of {cfg.name_or_path} has no pad, eos or unk token to pad with"
+            )
         tok.pad_token = fallback
         log.info("tokenizer of %s has no pad token: padding with %r", cfg.name_or_path, fallback)
     return tok

@@ -264,7 +264,9 @@ def _time_to_target(method_runs: list[dict], joint_runs: list[dict]) -> dict:
     """Steps and seconds to joint's best validation average, per seed and paired with joint (time_to_accuracy.py)."""
     spp = median([r["seconds_per_step"] for r in method_runs])
     tta = time_to_target(
-        [r["curve"] for r in method_runs], [r["curve"] for r in joint_runs], spp,
+        [r["curve"] for r in method_runs],
+        [r["curve"] for r in joint_runs],
+        spp,
         median([r["seconds_per_step"] for r in joint_runs]),
     )
     for key in ("paired_steps", "paired_seconds"):
@@ -347,6 +349,7 @@ def _time_table(summary: dict) -> str:
         "| seconds to target vs joint (95% CI) | speed-up vs joint (median) |",
         "|---|---|---|---|---|---|",
     ]
+
     def ci(mean, half, unit=""):
         return "-" if mean is None else f"{mean:+.1f}{unit} ({mean - half:+.1f}, {mean + half:+.1f})"
 

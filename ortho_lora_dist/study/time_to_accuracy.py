@@ -59,9 +59,7 @@ def time_to_target(
     out["reached"] = len(pairs)
     out["seeds"] = len(out["target"])
     out["paired_steps"] = [s - sj for s, sj in pairs]
-    out["paired_seconds"] = [
-        a - b for a, b in zip(out["seconds"], out["joint_seconds"]) if a is not None
-    ]
+    out["paired_seconds"] = [a - b for a, b in zip(out["seconds"], out["joint_seconds"]) if a is not None]
     out["speedup"] = [  # joint's seconds / this method's seconds to the same target (> 1: faster)
         b / a for a, b in zip(out["seconds"], out["joint_seconds"]) if a is not None and a > 0
     ]

@@ -42,16 +42,21 @@ def step_record(
     record = {"step": step, "loss": _rounded(names, losses.tolist()), "lr": lr}
     if not result.per_task:  # a loss-only rule: one gradient, its loss coefficients instead of per-task geometry
         record["loss_coefficient"] = _rounded(names, result.loss_coefficients.tolist())
-        record.update(combined_grad_norm=round(grad_norm, 6), skipped_steps=skipped_total,
-                      seconds_per_step=round(seconds_per_step, 4))
+        record.update(
+            combined_grad_norm=round(grad_norm, 6),
+            skipped_steps=skipped_total,
+            seconds_per_step=round(seconds_per_step, 4),
+        )
         return record, None
-    record.update({
-        "grad_norm": _rounded(names, result.task_grad_norms.tolist()),
-        "combined_grad_norm": round(grad_norm, 6),
-        **{k: round(v, 6) for k, v in block_summary(result, kinds).items()},
-        "skipped_steps": skipped_total,
-        "seconds_per_step": round(seconds_per_step, 4),
-    })
+    record.update(
+        {
+            "grad_norm": _rounded(names, result.task_grad_norms.tolist()),
+            "combined_grad_norm": round(grad_norm, 6),
+            **{k: round(v, 6) for k, v in block_summary(result, kinds).items()},
+            "skipped_steps": skipped_total,
+            "seconds_per_step": round(seconds_per_step, 4),
+        }
+    )
     if not result.skipped:
         lev = leverage(result.grams, result.weights)
         record.update(

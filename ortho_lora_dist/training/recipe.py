@@ -69,8 +69,15 @@ class Trainer:
         self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world)
         self.olr = build_ortho_lora(cfg, self.model, self.info)
         sizes = [len(t.splits["train"]) for t in self.tasks]
-        self.sampler = MultiTaskSampler(sizes, tc.per_task_batch_size, tc.seed, self.info.rank, self.info.world,
-                                        mode=tc.task_sampling, temperature=tc.temperature)
+        self.sampler = MultiTaskSampler(
+            sizes,
+            tc.per_task_batch_size,
+            tc.seed,
+            self.info.rank,
+            self.info.world,
+            mode=tc.task_sampling,
+            temperature=tc.temperature,
+        )
         self.total_steps = tc.steps or math.ceil(tc.epochs * self.sampler.steps_per_epoch(tc.gradient_accumulation))
         micro_batch = tc.per_task_batch_size * len(self.tasks)
         self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, micro_batch)
@@ -90,8 +97,11 @@ class Trainer:
         try:
             if self.run.finished_at() == self.total_steps == self.state.step:
                 if main:
-                    log.info("%s: this run already finished (%d steps, adapter and eval.json present); nothing to "
-                                "do", self.run.path, self.total_steps)
+                    log.info(
+                        "%s: this run already finished (%d steps, adapter and eval.json present); nothing to do",
+                        self.run.path,
+                        self.total_steps,
+                    )
                 return {"finished": True, "step": self.total_steps}
             if self._stop_agreed():  # a signal arrived after loading, before the first step
                 if main:
@@ -108,8 +118,14 @@ class Trainer:
         if self.info.main:
             self.run.begin(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), self.olr.layout, self.names)
         resume_step = self.state.step if self.state.resumed_from else None
-        self.telemetry = Telemetry(self.run.path, self.names, self.info.main, resume_step=resume_step,
-                                   report_to=self.cfg.train.report_to, config=self.cfg.model_dump())
+        self.telemetry = Telemetry(
+            self.run.path,
+            self.names,
+            self.info.main,
+            resume_step=resume_step,
+            report_to=self.cfg.train.report_to,
+            config=self.cfg.model_dump(),
+        )
 
     def _loop(self) -> dict:
         tc, state = self.cfg.train, self.state
@@ -265,8 +281,9 @@ class Trainer:
             self.save_checkpoint()
         if main:
             save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
-            log.info("trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total,
-                     self.run.adapter)
+            log.info(
+                "trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total, self.run.adapter
+            )
         full: dict[str, EvalResult] = {}
         for split in ("validation", "test"):
             evaluated = self.evaluate(split, stop=self._stop_agreed)

@@ -84,8 +84,10 @@ class RunDir:
             raise FileExistsError(f"output_dir {self.path} is a file, not a folder: choose another output_dir")
         for parent in self.path.parents:
             if parent.exists() and not parent.is_dir():
-                raise FileExistsError(f"output_dir {self.path}: {parent} is a file, so no folder can be made below "
-                                      "it; choose another output_dir")
+                raise FileExistsError(
+                    f"output_dir {self.path}: {parent} is a file, so no folder can be made below "
+                    "it; choose another output_dir"
+                )
 
     def previous_run(self) -> str | None:
         """What in the folder shows a previous run (None if nothing)."""

@@ -60,9 +60,10 @@ def test_packed_run_equals_padded_run(env, tmp_path, train):
     for p, u in zip(losses(runs[True]), losses(runs[False]), strict=True):
         assert p.keys() == u.keys()
         assert all(abs(p[k] - u[k]) < 1e-5 for k in p), (p, u)
-    assert json.loads((runs[True] / "eval.json").read_text())["test"] == json.loads(
-        (runs[False] / "eval.json").read_text()
-    )["test"]
+    assert (
+        json.loads((runs[True] / "eval.json").read_text())["test"]
+        == json.loads((runs[False] / "eval.json").read_text())["test"]
+    )
 
 
 def test_packed_batches_share_rows(env, tmp_path):

@@ -96,8 +96,11 @@ def test_core_imports_nothing_of_the_application():
     assert len(core) >= 15
     allowed = CORE_THIRD_PARTY | set(sys.stdlib_module_names) | {"__future__"}
     bad = {
-        m: sorted(t for t in ts if not (t == CORE or t.startswith(CORE + "."))
-                  and (t.startswith(PACKAGE) or t.split(".")[0] not in allowed))
+        m: sorted(
+            t
+            for t in ts
+            if not (t == CORE or t.startswith(CORE + ".")) and (t.startswith(PACKAGE) or t.split(".")[0] not in allowed)
+        )
         for m, ts in core.items()
     }
     assert not {m: ts for m, ts in bad.items() if ts}, f"the core imports outside itself: {bad}"
