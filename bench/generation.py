@@ -62,8 +62,12 @@ def main(argv=None) -> None:
             prompts = [model.prompts.prompt(t, r) for r in task.splits[args.split]]
             for lo in range(0, len(prompts), bs):
                 enc = tok(prompts[lo : lo + bs], return_tensors="pt", padding=True, add_special_tokens=True)
-                gc = GenerationConfig(max_new_tokens=task.config.generation.max_new_tokens, do_sample=False,
-                                      eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                gc = GenerationConfig(
+                    max_new_tokens=task.config.generation.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=tok.pad_token_id,
+                )
                 out = hf.generate(**enc, generation_config=gc)
                 count += new_tokens(out, enc["input_ids"].shape[1])
         tok.padding_side = "right"

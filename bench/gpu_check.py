@@ -12,7 +12,8 @@ rewritten after every stage, so a run cut short by a timeout still leaves its pa
     NF4 base through the bitsandbytes CUDA kernels, fp32 and bf16 compute, bf16 autocast, reentrant gradient
     checkpointing (capture checkpointed, reference not), LoRA dropout, padded mixed-task batches covering the
     capture's three row layouts (interleaved -> index, sorted equal -> bmm, contiguous runs -> slice); plus our
-    ``joint`` combined gradient against plain PEFT's summed-loss ``.grad``; last, one check on the 7B model
+    ``joint`` combined gradient against plain PEFT's summed-loss ``.grad``; packed rows (train.packing, sdpa)
+    against the same samples padded, fp32 and bf16 autocast + checkpointing; last, one check on the 7B model
     itself. Metric: max over tasks of ||g_t - g_t_ref|| / ||g_t_ref|| (every g_t_ref must be non-zero).
     Tolerances: 1e-5 on fp32 paths (same matmuls, other summation order; TF32 off), 1e-2 under bf16
     autocast (the reference's weight-grad matmul over the whole batch rounds to bf16 differently).
@@ -293,6 +294,60 @@ def joint_vs_peft(model, T, batch, *, autocast, ckpt, seed=0):
     return math.sqrt(num) / max(math.sqrt(den), 1e-300), math.sqrt(den), finite
 
 
+def packed_vs_padded(model, T, task_ids, L, vocab, device, *, autocast, ckpt, seed=0):
+    """One-backward capture on packed rows (train.packing: several samples of several tasks per row, position ids
+    restarting per sample, per-token task ids) vs on the same samples padded; LoRA dropout off (eval mode: the
+    masks would be drawn over other shapes). Returns what exact_pair returns."""
+    from ortho_lora_dist import OrthoLoRA, task_mean
+    from ortho_lora_dist.data.packing import pack
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [int(torch.randint(L // 4, L + 1, (1,), generator=gen)) for _ in task_ids]
+    seqs = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
+    batches = {
+        "packed": pack(seqs, seqs, list(task_ids), 2 * L, 0),  # rows of up to 2L tokens; loss on every next token
+        "padded": {
+            "input_ids": torch.tensor([x + [0] * (L - len(x)) for x in seqs]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in seqs]),
+        },
+    }
+    batches["padded"]["labels"] = batches["padded"]["input_ids"].masked_fill(
+        batches["padded"]["attention_mask"] == 0, -100
+    )
+    tids = torch.tensor(task_ids, device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    set_checkpointing(model, ckpt)
+    model.eval()
+    olrs = {}
+    try:
+        for name, b in batches.items():
+            b = {k: v.to(device) for k, v in b.items()}
+            olr = OrthoLoRA(model, T)
+            olrs[name] = olr
+            olr.set_tasks(b.get("token_task_ids", tids))
+            with ctx():
+                logits = model(
+                    input_ids=b["input_ids"],
+                    attention_mask=b.get("attention_mask"),
+                    position_ids=b.get("position_ids"),
+                    use_cache=False,
+                ).logits[:, :-1]
+            target = b["labels"][:, 1:]
+            keep = target != -100
+            tok = F.cross_entropy(logits[keep].float(), target[keep], reduction="none")
+            task = b["token_task_ids"][:, 1:][keep] if name == "packed" else tids[keep.nonzero()[:, 0]]
+            olr.backward(task_mean(tok, task, T))
+            olr.capture.remove()
+        worst, rel, min_norm = per_task_rel(olrs["packed"], olrs["padded"], T)
+        finite = all(bool(torch.isfinite(o.buffer).all()) for o in olrs.values())
+    finally:
+        for o in olrs.values():
+            o.capture.remove()
+        model.train()
+        set_checkpointing(model, False)
+    return worst, rel, min_norm, finite
+
+
 def run_exactness(args, device, quant) -> list[dict]:
     """The checks on a small model (fp32 and bf16 variants); the 7B check is added by the benchmark stage."""
     kind = "tiny" if args.tiny else "small"
@@ -307,6 +362,8 @@ def run_exactness(args, device, quant) -> list[dict]:
         ("bf16_autocast_reentrant_ckpt_contiguous", "bf16", [2, 0, 0, 0, 1, 1], True, "pair"),
         ("bf16_autocast_reentrant_ckpt_T8_interleaved", "bf16", list(range(8)) * 2, True, "pair"),
         ("bf16_autocast_joint_vs_plain_peft", "bf16", [0, 1, 2, 0, 1, 2], True, "joint"),
+        ("fp32_packed_vs_padded", "fp32", [0, 1, 2, 2, 0, 1, 1, 2], False, "packed"),
+        ("bf16_autocast_reentrant_ckpt_packed_vs_padded", "bf16", [0, 1, 2, 2, 0, 1, 1, 2], True, "packed"),
     ]
     models = {}
     out = []
@@ -344,6 +401,18 @@ def run_exactness(args, device, quant) -> list[dict]:
                     worst, rel, min_norm, finite = exact_pair(model, T, batch, autocast=autocast, ckpt=ckpt)
                     row.update(
                         compared="one-backward capture vs T backward passes (reference, no checkpointing)",
+                        max_rel_err=worst,
+                        per_task_rel_err=[round(r, 9) for r in rel],
+                        min_ref_norm=min_norm,
+                    )
+                    row["passed"] = finite and min_norm > 0 and worst <= tol
+                elif what == "packed":
+                    worst, rel, min_norm, finite = packed_vs_padded(
+                        model, T, task_ids, L, cfg.vocab_size, device, autocast=autocast, ckpt=ckpt, seed=len(out)
+                    )
+                    row.update(
+                        compared="one-backward capture on packed rows (train.packing) vs the same samples padded "
+                        "(no dropout)",
                         max_rel_err=worst,
                         per_task_rel_err=[round(r, 9) for r in rel],
                         min_ref_norm=min_norm,

@@ -40,12 +40,13 @@ def check_summary(s, seqs, tasks, gpu):
     assert s["complete"] and s["ok"], s.get("error")
     assert {"setup", "exactness", "benchmark", "elapsed_s"} <= s.keys()
     checks = s["exactness"]["checks"]
-    assert s["exactness"]["passed"] and len(checks) == 8
+    assert s["exactness"]["passed"] and len(checks) == 10
     for c in checks:
         assert {"name", "max_rel_err", "tol", "passed", "per_task_rel_err", "autocast", "checkpointing"} <= c.keys()
         assert c["passed"] and c["max_rel_err"] <= c["tol"] and c["min_ref_norm"] > 0, c
-    assert sum(c["checkpointing"] == "reentrant" for c in checks) >= 5
-    assert sum(c["autocast"] == "bf16" for c in checks) >= 4
+    assert sum(c["checkpointing"] == "reentrant" for c in checks) >= 6
+    assert sum(c["autocast"] == "bf16" for c in checks) >= 5
+    assert sum("packed" in c["name"] for c in checks) == 2
     model = s["benchmark"]["model"]
     assert model["init_s"] >= 0 and model["lora_params"] > 0
     rows = s["benchmark"]["results"]
