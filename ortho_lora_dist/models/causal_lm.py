@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ortho_lora_dist.config import Config
@@ -15,6 +14,7 @@ from ortho_lora_dist.data.loading import DataError, TaskData
 from ortho_lora_dist.data.packing import pack
 from ortho_lora_dist.data.prompts import prompt_ids
 from ortho_lora_dist.models.generation import answer, generate
+from ortho_lora_dist.models.lm_head import check_packing, labelled_token_losses
 from ortho_lora_dist.models.loading import DTYPES, attach_lora, from_pretrained, placement, quantization
 from ortho_lora_dist.models.prompts import Prompts
 from ortho_lora_dist.runtime.hub import resolve_model_path
@@ -29,64 +29,6 @@ def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> No
                 "(tokenizer_config.json 'chat_template' / chat_template.jinja) to render its messages: use a chat or "
                 "instruct model, give the tokenizer a template, or use format alpaca or text"
             )
-
-
-# Attention implementations whose transformers code keeps packed samples apart from position_ids alone:
-# sdpa / eager through masking_utils' packed-sequence mask, flash_attention_2 through its varlen path (one row).
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
-
-
-def check_packing(model: nn.Module, model_name: str) -> str:
-    """The loaded model's attention implementation if packed rows keep attention inside each sample, else a
-    ValueError naming it (and what to set)."""
-    import sys
-
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in PACKED_ATTENTION:
-        raise ValueError(
-            f"train.packing: {model_name} runs attention with {impl!r}; packed rows need one of "
-            f"{', '.join(PACKED_ATTENTION)} (set model.attn_implementation) or train.packing: false"
-        )
-    module = sys.modules.get(type(model).__module__)
-    if impl != "flash_attention_2" and not hasattr(module, "create_causal_mask"):
-        raise ValueError(
-            f"train.packing: {type(model).__name__} builds its attention mask without transformers' masking_utils, "
-            "which is what reads sample boundaries from position_ids: attention would cross samples; use "
-            "train.packing: false (or flash_attention_2)"
-        )
-    return impl
-
-
-def labelled_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    pick: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-):
-    """logits[pick]: [N, V] for the N positions where ``pick`` [B, S] is True, with ``lm_head`` run on those N
-    hidden states only (a forward pre-hook gathers them), through the model's own forward (FSDP's and DeepSpeed's
-    hooks run as always). A model whose head sees other shapes gets the full logits, then the same gather.
-    Packed rows: ``position_ids`` restarting per sample and no ``attention_mask`` (see data/packing.py)."""
-    head = model.get_output_embeddings()
-    gathered = []
-
-    def gather(module, args):
-        hidden = args[0]
-        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(pick.shape):
-            gathered.append(True)
-            return (hidden[pick], *args[1:])
-        return None
-
-    handle = head.register_forward_pre_hook(gather) if head is not None else None
-    try:
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits if gathered else logits[pick]
 
 
 class CausalLMMultiTask(nn.Module):
@@ -194,21 +136,10 @@ class CausalLMMultiTask(nn.Module):
         ``lm_head`` runs on those positions only (labelled_logits): never a [B, S, V] logits tensor. Packed rows
         (``position_ids``, no ``attention_mask``): a position's task is its token's, not its row's."""
         device = self.device
-        labels = batch["labels"].to(device)
-        target = labels[:, 1:]
-        keep = target != -100
-        pick = torch.zeros_like(labels, dtype=torch.bool)
-        pick[:, :-1] = keep
-        mask = batch.get("attention_mask")
-        position_ids = batch.get("position_ids")
-        logits = labelled_logits(
-            self.model,
-            batch["input_ids"].to(device),
-            None if mask is None else mask.to(device),
-            pick,
-            None if position_ids is None else position_ids.to(device),
+        inputs = {k: batch[k].to(device) for k in ("attention_mask", "position_ids") if k in batch}
+        loss, keep = labelled_token_losses(
+            self.model, batch["labels"].to(device), batch["input_ids"].to(device), **inputs
         )
-        loss = F.cross_entropy(logits.float(), target[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         if "token_task_ids" in batch:
             return loss, rows, batch["token_task_ids"].to(device)[:, 1:][keep]

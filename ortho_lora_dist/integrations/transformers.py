@@ -1,0 +1,270 @@
+"""``transformers.Trainer`` with exact per-task LoRA gradients and any Gram strategy: ``MultiTaskTrainer``.
+
+    trainer = MultiTaskTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=ds,
+                               strategy="ortho", granularity="factor", task_column="task", task_names=["a", "b"])
+    trainer.train()
+
+One optimizer step, as HF runs it, with our step inside:
+  get_batch_samples   HF fetches the step's micro-batches; we count each task's labelled tokens n_t over all of
+                      them (and over all ranks)
+  training_step       per micro-batch: forward (labels held back, lm_head on the labelled positions only), per-task
+                      loss L_t = (sum of task t's token losses) / n_t, ONE backward: per-task LoRA gradients captured
+                      (summed over the step's micro-batches, L_t is the token-weighted mean over the whole step);
+                      after the last micro-batch: reduce per task across ranks, combine (the strategy), write .grad
+  HF as always        clipping (max_grad_norm), optimizer.step, scheduler, logging, checkpoints
+Per-task losses, gradient norms and leverage are added to HF's logs (every ``report_to`` shows them); the strategy's
+state is saved in each checkpoint (``ortho_lora_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+
+Supported: causal LMs (labels with -100 where there is no loss, as transformers' and TRL's collators make them),
+one process or DDP (``torchrun`` / ``accelerate launch``; our per-task reduction replaces DDP's gradient all-reduce).
+Refused with one error before training: a model without trainable LoRA, a dataset without the task column, an
+unknown task, an invalid strategy option, fp16 (its GradScaler would scale a backward we do not run through it),
+DeepSpeed and FSDP (not in this integration yet: use ``ortho-lora train`` with ``distributed.engine``), and the
+loss-only rules (famo, initial_loss: they need every task in every micro-batch, which HF's sampler does not ensure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ortho_lora_dist.core.capture import find_lora_factors
+from ortho_lora_dist.core.comm import DistComm
+from ortho_lora_dist.core.diagnostics import leverage
+from ortho_lora_dist.core.step import OrthoLoRA
+from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
+from ortho_lora_dist.integrations.tasks import TaskCollator, task_index
+from ortho_lora_dist.models.lm_head import labelled_token_losses
+
+STATE_FILE = "ortho_lora_state.pt"
+TASK_KEY = "ortho_lora_task_ids"  # the collated per-sample task index [B] (per token [1, N] when padding-free)
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class MultiTaskMixin:
+    """The per-task step for a ``transformers.Trainer`` subclass (see the module docstring)."""
+
+    def _setup_multitask(
+        self,
+        strategy: str,
+        granularity: str,
+        strategy_options: Mapping[str, Any] | None,
+        task_column: str,
+        task_names: Sequence[str] | None,
+        seed: int | None,
+    ) -> None:
+        args = self.args
+        if strategy in LOSS_STRATEGIES:
+            raise ValueError(
+                f"MultiTaskTrainer: strategy {strategy!r} is a loss-only rule, which needs every task in every "
+                "micro-batch (HF's sampler does not ensure it); use ortho-lora train, or a Gram strategy here"
+            )
+        if args.fp16:
+            raise ValueError("MultiTaskTrainer: fp16 is not supported (its GradScaler); use bf16=True or fp32")
+        if args.deepspeed or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "MultiTaskTrainer: DeepSpeed is not supported by this integration yet; use DDP (torchrun / "
+                "accelerate launch) or `ortho-lora train` with distributed.engine: deepspeed"
+            )
+        if args.fsdp or getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "MultiTaskTrainer: FSDP is not supported by this integration yet; use DDP (torchrun / accelerate "
+                "launch) or `ortho-lora train` with distributed.engine: fsdp"
+            )
+        if args.n_gpu > 1:
+            raise ValueError("MultiTaskTrainer: nn.DataParallel (several GPUs, one process) is not supported: torchrun")
+        if not find_lora_factors(self.model):
+            raise ValueError(
+                "MultiTaskTrainer: the model has no trainable LoRA factor: wrap it with peft.get_peft_model(model, "
+                "LoraConfig(...)) (vanilla LoRA on linear layers)"
+            )
+        if self.model.get_output_embeddings() is None:
+            raise ValueError("MultiTaskTrainer: the model has no output embeddings (lm_head): a causal LM is needed")
+        if self.train_dataset is None:
+            raise ValueError("MultiTaskTrainer: train_dataset is required")
+        self.task_column = task_column
+        self.task_names, index = task_index(self.train_dataset, task_column, task_names)
+        T = len(self.task_names)
+        comm = DistComm() if _world() > 1 else None
+        try:
+            self.olr = OrthoLoRA(
+                self.model,
+                T,
+                strategy=strategy,
+                strategy_options=strategy_options,
+                granularity=granularity,
+                seed=args.seed if seed is None else seed,
+                comm=comm,
+            )
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"MultiTaskTrainer: {e}") from None
+        self.data_collator = TaskCollator(self.data_collator, task_column, index, TASK_KEY)
+        self._step_counts = torch.zeros(T)
+        self._micro_left = 0
+        self._logged: dict[str, list[float]] = {}
+
+    # -- HF's hooks -------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.task_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.task_column]
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        T = len(self.task_names)
+        counts = torch.zeros(T, dtype=torch.float64)
+        for b in batches:
+            _, tasks = self._labelled_tasks(b)
+            counts += torch.bincount(tasks.cpu(), minlength=T).double()
+        if _world() > 1:
+            counts = counts.to(self.args.device)
+            torch.distributed.all_reduce(counts)
+        self._step_counts = counts.cpu()
+        self._micro_left = len(batches)
+        self.olr.zero_grad()
+        return batches, num_items
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-batch: per-task losses (each over the step's tokens of its task), one backward; after the last
+        micro-batch of the step, reduce -> combine -> .grad (HF clips and steps)."""
+        with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():  # TRL's, if on
+            return self._multitask_micro_step(model, inputs)
+
+    def _multitask_micro_step(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        task_ids = inputs.pop(TASK_KEY)
+        labels = inputs.pop("labels")
+        self.olr.set_tasks(task_ids)
+        T = len(self.task_names)
+        # DDP's own all-reduce never runs: the unwrapped model's forward, our reduction (comm) instead
+        with self.compute_loss_context_manager():
+            loss, keep = labelled_token_losses(self.model, labels, **inputs)
+        tasks = _token_tasks(task_ids, keep)
+        sums = torch.zeros(T, dtype=loss.dtype, device=loss.device).index_add(0, tasks, loss)
+        counts = self._step_counts.to(loss.device, loss.dtype)
+        losses = _world() * sums / counts.clamp_min(1)  # the mean over ranks (comm) of these: sum_all / n_t
+        self.olr.backward(losses)
+        self._add_log("loss_sum", sums.detach().double().cpu())
+        self._micro_left -= 1
+        if self._micro_left == 0:
+            self._finish_step()
+        return losses.detach().sum()
+
+    def _finish_step(self) -> None:
+        result = self.olr.project()
+        self.olr.write_grads(result)
+        sums = self._pop_log("loss_sum")
+        if _world() > 1:
+            sums = sums.to(self.args.device)
+            torch.distributed.all_reduce(sums)
+        means = sums.cpu() / self._step_counts.clamp_min(1)
+        for name, v in zip(self.task_names, means.tolist()):
+            self._logged.setdefault(f"loss/{name}", []).append(v)
+        for name, v in zip(self.task_names, result.task_grad_norms.tolist()):
+            self._logged.setdefault(f"grad_norm/{name}", []).append(v)
+        lev = leverage(result.grams, result.weights)
+        self._logged.setdefault("leverage/change", []).append(float(lev["change"]))
+        self._logged.setdefault("leverage/cos_joint", []).append(float(lev["cos_joint"]))
+        self._logged.setdefault("skipped_steps", []).append(float(result.skipped))
+
+    def _add_log(self, key: str, value: torch.Tensor) -> None:
+        self._pending = getattr(self, "_pending", {})
+        self._pending[key] = self._pending.get(key, 0) + value
+
+    def _pop_log(self, key: str) -> torch.Tensor:
+        return self._pending.pop(key)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._logged:  # a training log: add the means since the last one
+            for k, vs in self._logged.items():
+                logs[k] = sum(vs) if k == "skipped_steps" else sum(vs) / len(vs)
+            self._logged = {}
+        super().log(logs, start_time)
+
+    def _labelled_tasks(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = batch["labels"][:, 1:] != -100
+        return keep, _token_tasks(batch[TASK_KEY], keep)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            state = {
+                "olr": self.olr.state_dict(),
+                "order_rng": self.olr.order.generator.get_state(),
+                "tasks": list(self.task_names),
+            }
+            tmp = os.path.join(folder, STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(folder, STATE_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+                if path is None:
+                    raise ValueError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
+            self._load_multitask_state(str(path))
+            resume_from_checkpoint = path
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_multitask_state(self, folder: str) -> None:
+        file = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(file):
+            raise ValueError(
+                f"{folder} has no {STATE_FILE}: it was not written by MultiTaskTrainer, so the strategy's state "
+                "(task order, weighting state) cannot be restored"
+            )
+        state = torch.load(file, weights_only=True)
+        if state["tasks"] != list(self.task_names):
+            raise ValueError(f"{file}: trained with tasks {state['tasks']}, this trainer has {list(self.task_names)}")
+        self.olr.load_state_dict(state["olr"])
+        self.olr.order.generator.set_state(state["order_rng"])
+
+
+def _token_tasks(task_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The task of each labelled position (``keep`` [B, S-1]): its row's, or its token's (per-token ids)."""
+    if task_ids.dim() == 2:
+        return task_ids[:, 1:][keep]
+    return task_ids.to(keep.device)[keep.nonzero()[:, 0]]
+
+
+class MultiTaskTrainer(MultiTaskMixin, Trainer):
+    """``transformers.Trainer`` whose LoRA update combines exact per-task gradients with ``strategy``.
+
+    Per-task loss: the mean over the task's labelled tokens in the optimizer step (token-weighted across gradient
+    accumulation micro-batches and, under DDP, across ranks). ``train_dataset[task_column]`` holds each sample's task,
+    an int index or a name of ``task_names`` (default: the sorted distinct names, or 0..max for ints).
+    """
+
+    def __init__(
+        self,
+        *args,
+        strategy: str = "ortho",
+        granularity: str = "factor",
+        strategy_options: Mapping[str, Any] | None = None,
+        task_column: str = "task",
+        task_names: Sequence[str] | None = None,
+        strategy_seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)
