@@ -169,10 +169,11 @@ class MultiTaskMixin:
             sums = sums.to(self.args.device)
             torch.distributed.all_reduce(sums)
         means = sums.cpu() / self._step_counts.clamp_min(1)
-        for name, v in zip(self.task_names, means.tolist()):
-            self._logged.setdefault(f"loss/{name}", []).append(v)
-        for name, v in zip(self.task_names, result.task_grad_norms.tolist()):
-            self._logged.setdefault(f"grad_norm/{name}", []).append(v)
+        present = (self._step_counts > 0).tolist()  # a task absent from the step logs nothing (not a 0 loss)
+        for name, v, g, here in zip(self.task_names, means.tolist(), result.task_grad_norms.tolist(), present):
+            if here:
+                self._logged.setdefault(f"loss/{name}", []).append(v)
+                self._logged.setdefault(f"grad_norm/{name}", []).append(g)
         lev = leverage(result.grams, result.weights)
         self._logged.setdefault("leverage/change", []).append(float(lev["change"]))
         self._logged.setdefault("leverage/cos_joint", []).append(float(lev["cos_joint"]))

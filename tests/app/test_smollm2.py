@@ -277,3 +277,33 @@ def test_merged_model_generates_like_base_plus_adapter(smol, trained, tmp_path):
         out = model.generate(**prompt, max_new_tokens=cfg[r["task"]].generation.max_new_tokens, do_sample=False)
         plain.append(tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     assert plain == texts
+
+
+@pytest.mark.parametrize("example", ["hf_trainer.py", "trl_sft.py"])
+def test_examples_run_on_smollm2(smol, tmp_path, example):
+    """examples/hf_trainer.py and examples/trl_sft.py: two steps on SmolLM2 and the demo's tasks, per-task losses
+    logged, a PEFT adapter saved."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("trl")
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / example),
+        "--data",
+        str(smol["data"]),
+        "--model",
+        str(smol["model"]),
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any(k.startswith("loss/") for k in last) and last["leverage/change"] >= 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
