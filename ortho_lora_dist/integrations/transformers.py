@@ -16,11 +16,13 @@ Per-task losses, gradient norms and leverage are added to HF's logs (every ``rep
 state is saved in each checkpoint (``ortho_lora_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
 
 Supported: causal LMs (labels with -100 where there is no loss, as transformers' and TRL's collators make them),
-one process or DDP (``torchrun`` / ``accelerate launch``; our per-task reduction replaces DDP's gradient all-reduce).
-Refused with one error before training: a model without trainable LoRA, a dataset without the task column, an
-unknown task, an invalid strategy option, fp16 (its GradScaler would scale a backward we do not run through it),
-DeepSpeed and FSDP (not in this integration yet: use ``ortho-lora train`` with ``distributed.engine``), and the
-loss-only rules (famo, initial_loss: they need every task in every micro-batch, which HF's sampler does not ensure).
+one process, DDP (``torchrun`` / ``accelerate launch``; our per-task reduction replaces DDP's gradient all-reduce)
+and DeepSpeed ZeRO-0/1/2 through ``TrainingArguments(deepspeed=...)`` (ONE surrogate backward per step hands ZeRO
+the combined gradient; its clipping and scheduler run in its step). Refused with one error before training: a model
+without trainable LoRA, a dataset without the task column, an unknown task, an invalid strategy option, fp16 (its
+GradScaler would scale a backward we do not run through it), ZeRO-3 and FSDP (they shard the frozen base; use
+``ortho-lora train`` with ``distributed.engine: fsdp``), and the loss-only rules (famo, initial_loss: they need
+every task in every micro-batch, which HF's sampler does not ensure).
 """
 
 from __future__ import annotations
@@ -71,15 +73,20 @@ class MultiTaskMixin:
             )
         if args.fp16:
             raise ValueError("MultiTaskTrainer: fp16 is not supported (its GradScaler); use bf16=True or fp32")
-        if args.deepspeed or getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "MultiTaskTrainer: DeepSpeed is not supported by this integration yet; use DDP (torchrun / "
-                "accelerate launch) or `ortho-lora train` with distributed.engine: deepspeed"
+        self._deepspeed = bool(args.deepspeed) or getattr(self, "is_deepspeed_enabled", False)
+        if self._deepspeed:
+            stage = (
+                (getattr(args, "hf_deepspeed_config", None) or {}).config.get("zero_optimization", {}).get("stage", 0)
             )
+            if stage > 2:
+                raise ValueError(
+                    f"MultiTaskTrainer: DeepSpeed ZeRO stage {stage} partitions the frozen base; stages 0-2 are "
+                    "supported (for a sharded base: `ortho-lora train` with distributed.engine: fsdp)"
+                )
         if args.fsdp or getattr(self, "is_fsdp_enabled", False):
             raise ValueError(
-                "MultiTaskTrainer: FSDP is not supported by this integration yet; use DDP (torchrun / accelerate "
-                "launch) or `ortho-lora train` with distributed.engine: fsdp"
+                "MultiTaskTrainer: FSDP through HF is not supported (it would have to gather the sharded base around "
+                "our capture); use DDP or DeepSpeed ZeRO-2 here, or `ortho-lora train` with distributed.engine: fsdp"
             )
         if args.n_gpu > 1:
             raise ValueError("MultiTaskTrainer: nn.DataParallel (several GPUs, one process) is not supported: torchrun")
@@ -163,7 +170,10 @@ class MultiTaskMixin:
 
     def _finish_step(self) -> None:
         result = self.olr.project()
-        self.olr.write_grads(result)
+        if self._deepspeed:
+            self._deepspeed_step(result)
+        else:
+            self.olr.write_grads(result)
         sums = self._pop_log("loss_sum")
         if _world() > 1:
             sums = sums.to(self.args.device)
@@ -178,6 +188,26 @@ class MultiTaskMixin:
         self._logged.setdefault("leverage/change", []).append(float(lev["change"]))
         self._logged.setdefault("leverage/cos_joint", []).append(float(lev["cos_joint"]))
         self._logged.setdefault("skipped_steps", []).append(float(result.skipped))
+
+    def _deepspeed_step(self, result) -> None:
+        """ZeRO-2 owns the LoRA factors' gradients and optimizer state: hand it the combined gradient as ONE
+        backward of the surrogate sum_f <p_f, N * combined_f> over this rank's region (zero elsewhere), whose
+        gradient averaged over ranks by ZeRO's reduce-scatter is the combined gradient (core/engines/
+        deepspeed_engine.py), then step it (its clipping and scheduler included). HF's optimizer.step() is a
+        no-op wrapper under DeepSpeed. A skipped step (non-finite Grams, decided on every rank) steps nothing."""
+        if result.skipped:
+            return
+        engine, N = self.model_wrapped, self.olr.comm.world_size
+        surrogate = torch.zeros((), device=self.olr.lora_params[0].device)
+        for f in self.olr.layout.factors:
+            if f.region == result.region:
+                g = result.combined[f.offset : f.offset + f.numel].view_as(f.param) * N
+                surrogate = surrogate + (f.param * g.to(f.param.dtype)).sum()
+            else:
+                surrogate = surrogate + (f.param * 0).sum()  # every factor gets a (zero) gradient
+        engine.set_gradient_accumulation_boundary(is_boundary=True)  # one backward per step, whatever GAS says
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
 
     def _add_log(self, key: str, value: torch.Tensor) -> None:
         self._pending = getattr(self, "_pending", {})

@@ -26,6 +26,17 @@ TEXTS = [
 ]
 
 
+ZERO2 = {  # DeepSpeed ZeRO-2 through HF's integration ("auto": from TrainingArguments)
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,
+    "zero_force_ds_cpu_optimizer": False,
+}
+
+
 def rows(n: int) -> list[dict]:
     return [{"prompt": p, "completion": c, "task": t} for p, c, t in (TEXTS * (n // len(TEXTS) + 1))[:n]]
 
@@ -85,6 +96,7 @@ def make_trainer(a, model=None):
         bf16=False,
         gradient_checkpointing=a.checkpointing,
         seed=0,
+        **({"deepspeed": ZERO2} if a.deepspeed else {}),
     )
     kw = dict(strategy=a.strategy, granularity=a.granularity, task_column="task")
     if a.trainer == "sft":
@@ -127,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int, default=0)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--padding-free", action="store_true")
+    p.add_argument("--deepspeed", action="store_true", help="ZeRO-2 through TrainingArguments(deepspeed=...)")
     p.add_argument("--resume", help="resume_from_checkpoint (a path, or 'last')")
     return p
 
@@ -143,6 +156,7 @@ def main(argv=None) -> None:
         weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
         save_file(weights, str(out / "final.safetensors"))
         (out / "log.json").write_text(json.dumps(trainer.state.log_history))
+        (out / "engine.txt").write_text(type(trainer.model_wrapped).__name__)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -6,7 +6,7 @@
     imtl_g, on both trainers; TRL's default gradient checkpointing too
   - gradient accumulation 2 x half batch == 1 x full batch; TRL padding_free == padded
   - checkpoint + resume_from_checkpoint == the uninterrupted run, bitwise
-  - 2-rank DDP (torchrun) == 1 process
+  - 2 ranks (torchrun) == 1 process: DDP, and DeepSpeed ZeRO-2 through TrainingArguments(deepspeed=...)
   - what cannot work is refused before training, naming it
 """
 
@@ -177,8 +177,11 @@ def test_refusals_name_the_problem(env, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["joint", "ortho", "imtl_g"])
-def test_ddp_two_ranks_equals_one_process(env, tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy,engine",
+    [("joint", "ddp"), ("ortho", "ddp"), ("imtl_g", "ddp"), ("ortho", "deepspeed"), ("imtl_g", "deepspeed")],
+)
+def test_two_ranks_equal_one_process(env, tmp_path, strategy, engine):
     common = [
         "--model",
         env["models"]["llama"],
@@ -193,7 +196,9 @@ def test_ddp_two_ranks_equals_one_process(env, tmp_path, strategy):
         "--lr",
         "0.5",
     ]
+    launched = ["--deepspeed"] if engine == "deepspeed" else []  # the reference: one plain process
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run_env["DS_ACCELERATOR"] = "cpu"
     worker = str(ROOT / "tests" / "integrations" / "hf_worker.py")
     single = [sys.executable, worker, *common, "--batch", "8", "--out", str(tmp_path / "single")]
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -205,6 +210,7 @@ def test_ddp_two_ranks_equals_one_process(env, tmp_path, strategy):
         str(free_port()),
         worker,
         *common,
+        *launched,
         "--batch",
         "4",
         "--out",
@@ -217,6 +223,8 @@ def test_ddp_two_ranks_equals_one_process(env, tmp_path, strategy):
         load_file(str(tmp_path / "ddp" / "final.safetensors")),
         load_file(str(tmp_path / "single" / "final.safetensors")),
     )
+    wrapped = (tmp_path / "ddp" / "engine.txt").read_text()
+    assert wrapped == {"ddp": "DistributedDataParallel", "deepspeed": "DeepSpeedEngine"}[engine]
     assert a.keys() == b.keys() and a
     assert rel(a, b) < 1e-5, rel(a, b)
     la, lb = (json.loads((tmp_path / d / "log.json").read_text()) for d in ("ddp", "single"))
