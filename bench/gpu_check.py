@@ -28,6 +28,8 @@ rewritten after every stage, so a run cut short by a timeout still leaves its pa
     Reported per method: median step time, tokens/s, peak GPU memory (torch.cuda.max_memory_allocated, reset
     before each step; model, optimizer state and our per-task buffer included) and ratios vs peft_joint.
     Warm-up steps are not timed. Model init time is reported (build, quantize, PEFT).
+    Then packed vs padded rows (train.packing, ortho, 8 samples of seq/8..seq tokens, seq = the first of --seqs):
+    useful tokens/s of each and packing efficiency ("packing" in the summary; skipped when the budget is spent).
     Time budget: ``--budget`` seconds from start (default 420, inside the shell script's 480 s timeout);
     configurations run from cheapest to dearest, one is skipped when its estimated minimum (warm-up + one
     timed round, extrapolated from the previous one) would overrun, and a running one stops early
@@ -560,6 +562,72 @@ class Bench:
             row["status"] = "error"
         return row, full_round or last_round  # None when skipped
 
+    def packing(self, seq: int, n: int, deadline: float) -> dict:
+        """Useful tokens/s of an ortho step on n samples of spread lengths (seq/8 .. seq), padded (one per row) vs
+        packed (train.packing: rows of <= seq tokens), interleaved; packing efficiency = real / all tokens."""
+        from ortho_lora_dist import OrthoLoRA, task_mean
+        from ortho_lora_dist.data.packing import efficiency, pack
+
+        gen = torch.Generator().manual_seed(seq + n)
+        lengths = [int(torch.randint(seq // 8, seq + 1, (1,), generator=gen)) for _ in range(n)]
+        seqs = [torch.randint(1, self.vocab, (k,), generator=gen).tolist() for k in lengths]
+        T = 3
+        tasks = [i % T for i in range(n)]
+        width = max(lengths)
+        batches = {
+            "packed": pack(seqs, seqs, tasks, seq, 0),
+            "padded": {
+                "input_ids": torch.tensor([x + [0] * (width - len(x)) for x in seqs]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs]),
+                "task_ids": torch.tensor(tasks),
+            },
+        }
+        batches["padded"]["labels"] = batches["padded"]["input_ids"].masked_fill(
+            batches["padded"]["attention_mask"] == 0, -100
+        )
+        row = {"seq": seq, "samples": n, "useful_tokens": sum(lengths), "status": "ok"}
+        row["efficiency"] = {m: round(efficiency(b), 3) for m, b in batches.items()}
+        row["shapes"] = {m: list(b["input_ids"].shape) for m, b in batches.items()}
+        times: dict[str, list[float]] = {"padded": [], "packed": []}
+        for r in range(2 + 3):
+            if r >= 3 and time.monotonic() > deadline:
+                row["status"] = "truncated"
+                break
+            for mode in ("padded", "packed") if r % 2 else ("packed", "padded"):
+                b = {k: v.to(self.device) for k, v in batches[mode].items()}
+                olr = OrthoLoRA(self.model, T)
+                try:
+                    sync(self.device)
+                    t = time.perf_counter()
+                    olr.set_tasks(b["token_task_ids"] if mode == "packed" else b["task_ids"])
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                        out = self.model(
+                            input_ids=b["input_ids"],
+                            attention_mask=b.get("attention_mask"),
+                            position_ids=b.get("position_ids"),
+                            use_cache=False,
+                        ).logits[:, :-1]
+                    target = b["labels"][:, 1:]
+                    keep = target != -100
+                    tok = F.cross_entropy(out[keep].float(), target[keep], reduction="none")
+                    task = b["token_task_ids"][:, 1:][keep] if mode == "packed" else b["task_ids"][keep.nonzero()[:, 0]]
+                    olr.backward(task_mean(tok, task, T))
+                    olr.write_grads(olr.project())
+                    self.opt.step()
+                    sync(self.device)
+                    if r >= 2:
+                        times[mode].append(time.perf_counter() - t)
+                finally:
+                    self.opt.zero_grad(set_to_none=True)
+                    olr.capture.remove()
+                    olr.zero_grad()
+        for mode, ts in times.items():
+            row[f"{mode}_step_s"] = round(statistics.median(ts), 4) if ts else None
+            row[f"{mode}_useful_tokens_per_s"] = round(sum(lengths) / statistics.median(ts), 1) if ts else None
+        if row["padded_step_s"] and row["packed_step_s"]:
+            row["packed/padded"] = round(row["padded_step_s"] / row["packed_step_s"], 3)
+        return row
+
 
 def run_bench(args, device, quant, summary, write) -> None:
     kind = "tiny" if args.tiny else "7b"
@@ -636,6 +704,18 @@ def run_bench(args, device, quant, summary, write) -> None:
             prev = (last_round, T * args.per_task * seq, T)
         summary["benchmark"]["results"].append(row)
         write()
+    # packed vs padded rows (train.packing), if the budget leaves room: about 10 ortho steps at seq tokens per row
+    seq = args.seqs[0]
+    if time.monotonic() + (prev[0] if prev else 0) * 3 < deadline:
+        log(f"benchmark packing seq {seq}")
+        try:
+            summary["benchmark"]["packing"] = bench.packing(seq, 8, deadline)
+        except Exception as e:
+            summary["benchmark"]["packing"] = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(traceback.format_exc())
+    else:
+        summary["benchmark"]["packing"] = {"status": "skipped", "reason": "time budget"}
+    write()
 
 
 def main(argv=None) -> int:

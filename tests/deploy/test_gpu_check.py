@@ -61,6 +61,9 @@ def check_summary(s, seqs, tasks, gpu):
             assert r["vs_peft_joint"][m]["tokens_per_s"] > 0
             assert (res["peak_GiB"] is not None) == gpu
         assert r["vs_peft_joint"]["peft_joint"]["time"] == 1.0
+    pk = s["benchmark"]["packing"]
+    assert pk["status"] == "ok" and pk["packed/padded"] > 0, pk
+    assert pk["efficiency"]["packed"] > pk["efficiency"]["padded"] and pk["useful_tokens"] > 0
 
 
 @pytest.mark.timeout(240)
