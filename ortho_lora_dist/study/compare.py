@@ -7,7 +7,7 @@ split; the table reports the test split when the tasks have one. Finished runs (
 are not redone, so an interrupted comparison resumes where it stopped. Runs are interleaved (for each
 seed, every method in turn), so machine noise spreads over all methods alike.
 
-Methods: ``single``, ``joint``, ``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global
+Methods: ``zero_shot`` (causal LM: the untrained base model, evaluated once), ``single``, ``joint``, ``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global
 granularity = flat PCGrad with one order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``,
 ``norm_balance-factor``; a bare strategy name means ``-global``), and ``lossweights``: joint training
 with static per-task loss weights chosen on validation (seed 0) from the grid {all 1} U {task t x3, others 1}.
@@ -31,6 +31,7 @@ from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.study.time_to_accuracy import median, time_to_target, validation_curve
 
 FIXED = {
+    "zero_shot": {},  # the untrained base model (causal LM), evaluated like the others (study/zero_shot.py)
     "single": {},
     "joint": {"strategy": "joint"},
     "ortho-factor": {"strategy": "ortho", "granularity": "factor"},
@@ -119,6 +120,20 @@ def _run(cfg: Config) -> dict:
     }
 
 
+def _zero_shot(cfg: Config) -> dict:
+    from ortho_lora_dist.study.zero_shot import evaluate_zero_shot
+
+    ev = json.loads(evaluate_zero_shot(cfg).read_text())
+    split = "test" if "test" in ev else "validation"
+    nan = float("nan")
+    return {
+        "metrics": {k: v for k, v in ev[split].items() if k != "average"},
+        "validation": {k: v for k, v in ev.get("validation", {}).items() if k != "average"},
+        "split": split,
+        **dict.fromkeys(("seconds_per_step", "conflict_rate", "change", "cos_joint", "negative_gain"), nan),
+    }
+
+
 def _ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% Student-t interval (0 for one value)."""
     from scipy import stats
@@ -186,6 +201,8 @@ def compare(
                         "negative_gain": float("nan"),
                     }
                 )
+            elif m == "zero_shot":
+                runs[m].append(_zero_shot(_variant(cfg, m, 0, out / "runs" / m)))  # greedy: once, every seed
             elif m == "lossweights":
                 w = [tuned["chosen"]["weights"][n] for n in names]
                 where = (
@@ -215,7 +232,7 @@ def compare(
                 for k in ("conflict_rate", "change", "cos_joint", "negative_gain", "seconds_per_step")
             },
         }
-        if joint_time:
+        if joint_time and not math.isnan(entry["seconds_per_step"]):
             entry["time_vs_joint"] = entry["seconds_per_step"] / joint_time
         if "joint" in runs and m != "joint":
             diffs = [_avg(a["metrics"], names) - _avg(b["metrics"], names) for a, b in zip(runs[m], runs["joint"])]

@@ -1,7 +1,9 @@
-"""Time to accuracy (study/time_to_accuracy.py) on hand-made curves, and a loss-only strategy end to end."""
+"""Time to accuracy (study/time_to_accuracy.py) on hand-made curves, a loss-only strategy end to end, and the
+zero-shot row of compare."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,3 +59,23 @@ def test_famo_run_logs_coefficients_and_resumes_exactly(env, tmp_path):
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed famo run differs"
+
+
+def test_compare_zero_shot_row(env, tmp_path):
+    """zero_shot: the untrained causal LM evaluated once (step 0) and reused for every seed; paired against joint;
+    refused for an encoder (its heads start untrained)."""
+    from ortho_lora_dist.config import load_config
+    from ortho_lora_dist.study.compare import compare
+
+    cfg = load_config(make_config(env, tmp_path / "lm", kind="causal-lm", steps=2, plots=False))
+    out = tmp_path / "lm-compare"
+    s = compare(cfg, 2, out, ["zero_shot", "joint"])
+    z = s["methods"]["zero_shot"]
+    ev = json.loads((out / "runs" / "zero_shot" / "eval.json").read_text())
+    assert ev["step"] == 0 and set(ev["test"]) >= {"sentiment", "topic"} and ev["loss"]["validation"]
+    assert len(z["paired_vs_joint"]["per_seed"]) == 2 and "time_vs_joint" not in z
+    assert z["average"]["mean"] == pytest.approx((ev["test"]["sentiment"] + ev["test"]["topic"]) / 2)
+    assert "zero_shot" in (out / "compare.md").read_text()
+    enc = load_config(make_config(env, tmp_path / "enc", steps=2, plots=False))
+    with pytest.raises(ValueError, match="zero_shot needs model.kind: causal-lm"):
+        compare(enc, 1, tmp_path / "enc-compare", ["zero_shot", "joint"])
