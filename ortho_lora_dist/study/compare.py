@@ -7,9 +7,10 @@ split; the table reports the test split when the tasks have one. Finished runs (
 are not redone, so an interrupted comparison resumes where it stopped. Runs are interleaved (for each
 seed, every method in turn), so machine noise spreads over all methods alike.
 
-Methods: ``zero_shot`` (causal LM: the untrained base model, evaluated once), ``single``, ``joint``, ``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global
-granularity = flat PCGrad with one order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``,
-``norm_balance-factor``; a bare strategy name means ``-global``), and ``lossweights``: joint training
+Methods: ``zero_shot`` (causal LM: the untrained base model, evaluated once), ``single``, ``joint``,
+``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global granularity = flat PCGrad with one
+order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``, ``norm_balance-factor``; a bare strategy name
+means ``-global``), and ``lossweights``: joint training
 with static per-task loss weights chosen on validation (seed 0) from the grid {all 1} U {task t x3, others 1}.
 
 Reported per method: per-task metric mean and 95% CI across seeds (Student t), their average, the gap
