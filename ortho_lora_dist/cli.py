@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3), paired across methods")
     c.add_argument(
         "--methods",
-        help="comma list: zero_shot (causal LM), single, joint, lossweights, ortho-factor, ortho-module, pcgrad-global, "
+        help="comma list: zero_shot (causal LM), single, joint, lossweights, ortho-factor, ortho-module, "
+        "pcgrad-global, "
         "or STRATEGY[-factor|-module|-global] (e.g. upgrad-global, norm_balance-factor); default: "
         "single,joint,ortho-factor,norm_balance-global,norm_balance-factor,upgrad-global,imtl_g-global,"
         "cagrad-global,mgda-global,famo-global,initial_loss-global,lossweights",

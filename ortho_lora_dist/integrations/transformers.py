@@ -53,6 +53,33 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def check_training_args(args, strategy: str) -> None:
+    """What MultiTaskTrainer cannot honour, refused before HF builds anything (one ValueError naming it)."""
+    if strategy in LOSS_STRATEGIES:
+        raise ValueError(
+            f"MultiTaskTrainer: strategy {strategy!r} is a loss-only rule, which needs every task in every "
+            "micro-batch (HF's sampler does not ensure it); use ortho-lora train, or a Gram strategy here"
+        )
+    if args is None:
+        return
+    if args.fp16:
+        raise ValueError("MultiTaskTrainer: fp16 is not supported (its GradScaler); use bf16=True or fp32")
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    stage = ds_config.config.get("zero_optimization", {}).get("stage", 0) if ds_config is not None else 0
+    if stage > 2:
+        raise ValueError(
+            f"MultiTaskTrainer: DeepSpeed ZeRO stage {stage} partitions the frozen base; stages 0-2 are supported "
+            "(for a sharded base: `ortho-lora train` with distributed.engine: fsdp)"
+        )
+    if args.fsdp:
+        raise ValueError(
+            "MultiTaskTrainer: FSDP through HF is not supported (it would have to gather the sharded base around "
+            "our capture); use DDP or DeepSpeed ZeRO-2 here, or `ortho-lora train` with distributed.engine: fsdp"
+        )
+    if args.n_gpu > 1:
+        raise ValueError("MultiTaskTrainer: nn.DataParallel (several GPUs, one process) is not supported: torchrun")
+
+
 class MultiTaskMixin:
     """The per-task step for a ``transformers.Trainer`` subclass (see the module docstring)."""
 
@@ -65,31 +92,7 @@ class MultiTaskMixin:
         task_names: Sequence[str] | None,
         seed: int | None,
     ) -> None:
-        args = self.args
-        if strategy in LOSS_STRATEGIES:
-            raise ValueError(
-                f"MultiTaskTrainer: strategy {strategy!r} is a loss-only rule, which needs every task in every "
-                "micro-batch (HF's sampler does not ensure it); use ortho-lora train, or a Gram strategy here"
-            )
-        if args.fp16:
-            raise ValueError("MultiTaskTrainer: fp16 is not supported (its GradScaler); use bf16=True or fp32")
-        self._deepspeed = bool(args.deepspeed) or getattr(self, "is_deepspeed_enabled", False)
-        if self._deepspeed:
-            stage = (
-                (getattr(args, "hf_deepspeed_config", None) or {}).config.get("zero_optimization", {}).get("stage", 0)
-            )
-            if stage > 2:
-                raise ValueError(
-                    f"MultiTaskTrainer: DeepSpeed ZeRO stage {stage} partitions the frozen base; stages 0-2 are "
-                    "supported (for a sharded base: `ortho-lora train` with distributed.engine: fsdp)"
-                )
-        if args.fsdp or getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                "MultiTaskTrainer: FSDP through HF is not supported (it would have to gather the sharded base around "
-                "our capture); use DDP or DeepSpeed ZeRO-2 here, or `ortho-lora train` with distributed.engine: fsdp"
-            )
-        if args.n_gpu > 1:
-            raise ValueError("MultiTaskTrainer: nn.DataParallel (several GPUs, one process) is not supported: torchrun")
+        self._deepspeed = bool(self.args.deepspeed) or getattr(self, "is_deepspeed_enabled", False)
         if not find_lora_factors(self.model):
             raise ValueError(
                 "MultiTaskTrainer: the model has no trainable LoRA factor: wrap it with peft.get_peft_model(model, "
@@ -110,7 +113,7 @@ class MultiTaskMixin:
                 strategy=strategy,
                 strategy_options=strategy_options,
                 granularity=granularity,
-                seed=args.seed if seed is None else seed,
+                seed=self.args.seed if seed is None else seed,
                 comm=comm,
             )
         except (ValueError, ImportError) as e:
@@ -297,5 +300,6 @@ class MultiTaskTrainer(MultiTaskMixin, Trainer):
         strategy_seed: int | None = None,
         **kwargs,
     ) -> None:
+        check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None), strategy)
         super().__init__(*args, **kwargs)
         self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ortho_lora_dist.integrations.transformers import MultiTaskMixin
+from ortho_lora_dist.integrations.transformers import MultiTaskMixin, check_training_args
 
 try:
     from trl import SFTTrainer
@@ -46,5 +46,6 @@ class MultiTaskSFTTrainer(MultiTaskMixin, SFTTrainer):
                 "MultiTaskSFTTrainer: SFTConfig(packing=True) drops the task column when it packs the dataset; use "
                 "padding_free=True (packs each micro-batch, tasks kept per token) or packing=False"
             )
+        check_training_args(sft_args, strategy)
         super().__init__(*args, **kwargs)
         self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)

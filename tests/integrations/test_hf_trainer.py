@@ -162,6 +162,9 @@ def test_refusals_name_the_problem(env, tmp_path):
         MultiTaskTrainer(model=model, args=targs, train_dataset=ds, strategy="famo")
     with pytest.raises(ValueError, match="MultiTaskTrainer: strategy 'ortho' has no option 'cc'"):
         MultiTaskTrainer(model=model, args=targs, train_dataset=ds, strategy="ortho", strategy_options={"cc": 1})
+    fp16 = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fp16=True)
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        MultiTaskTrainer(model=model, args=fp16, train_dataset=ds)
     bad = Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2], "task": 1.5}])
     with pytest.raises(ValueError, match="ints or task names"):
         MultiTaskTrainer(model=model, args=targs, train_dataset=bad)
