@@ -39,6 +39,7 @@ from transformers import Trainer
 from ortho_lora_dist.core.capture import find_lora_factors
 from ortho_lora_dist.core.comm import DistComm
 from ortho_lora_dist.core.diagnostics import leverage
+from ortho_lora_dist.core.engines.deepspeed_engine import surrogate_loss
 from ortho_lora_dist.core.step import OrthoLoRA
 from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
 from ortho_lora_dist.integrations.tasks import TaskCollator, task_index
@@ -82,6 +83,24 @@ def check_training_args(args, strategy: str) -> None:
 
 class MultiTaskMixin:
     """The per-task step for a ``transformers.Trainer`` subclass (see the module docstring)."""
+
+    def __init__(
+        self,
+        *args,
+        strategy: str = "ortho",
+        granularity: str = "factor",
+        strategy_options: Mapping[str, Any] | None = None,
+        task_column: str = "task",
+        task_names: Sequence[str] | None = None,
+        strategy_seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        self._check_args(kwargs.get("args", args[1] if len(args) > 1 else None), strategy)
+        super().__init__(*args, **kwargs)
+        self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)
+
+    def _check_args(self, args, strategy: str) -> None:
+        check_training_args(args, strategy)
 
     def _setup_multitask(
         self,
@@ -200,16 +219,9 @@ class MultiTaskMixin:
         no-op wrapper under DeepSpeed. A skipped step (non-finite Grams, decided on every rank) steps nothing."""
         if result.skipped:
             return
-        engine, N = self.model_wrapped, self.olr.comm.world_size
-        surrogate = torch.zeros((), device=self.olr.lora_params[0].device)
-        for f in self.olr.layout.factors:
-            if f.region == result.region:
-                g = result.combined[f.offset : f.offset + f.numel].view_as(f.param) * N
-                surrogate = surrogate + (f.param * g.to(f.param.dtype)).sum()
-            else:
-                surrogate = surrogate + (f.param * 0).sum()  # every factor gets a (zero) gradient
+        engine = self.model_wrapped
         engine.set_gradient_accumulation_boundary(is_boundary=True)  # one backward per step, whatever GAS says
-        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.backward(surrogate_loss(self.olr, result), scale_wrt_gas=False)
         engine.step()
 
     def _add_log(self, key: str, value: torch.Tensor) -> None:
@@ -288,18 +300,3 @@ class MultiTaskTrainer(MultiTaskMixin, Trainer):
     accumulation micro-batches and, under DDP, across ranks). ``train_dataset[task_column]`` holds each sample's task,
     an int index or a name of ``task_names`` (default: the sorted distinct names, or 0..max for ints).
     """
-
-    def __init__(
-        self,
-        *args,
-        strategy: str = "ortho",
-        granularity: str = "factor",
-        strategy_options: Mapping[str, Any] | None = None,
-        task_column: str = "task",
-        task_names: Sequence[str] | None = None,
-        strategy_seed: int | None = None,
-        **kwargs,
-    ) -> None:
-        check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None), strategy)
-        super().__init__(*args, **kwargs)
-        self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)

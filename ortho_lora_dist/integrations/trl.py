@@ -14,9 +14,6 @@ micro-batch instead and keeps the tasks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 from ortho_lora_dist.integrations.transformers import MultiTaskMixin, check_training_args
 
 try:
@@ -29,23 +26,10 @@ class MultiTaskSFTTrainer(MultiTaskMixin, SFTTrainer):
     """``trl.SFTTrainer`` whose LoRA update combines exact per-task gradients with ``strategy`` (see
     ``MultiTaskTrainer`` for the arguments and the loss)."""
 
-    def __init__(
-        self,
-        *args,
-        strategy: str = "ortho",
-        granularity: str = "factor",
-        strategy_options: Mapping[str, Any] | None = None,
-        task_column: str = "task",
-        task_names: Sequence[str] | None = None,
-        strategy_seed: int | None = None,
-        **kwargs,
-    ) -> None:
-        sft_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if getattr(sft_args, "packing", False):
+    def _check_args(self, args, strategy: str) -> None:
+        if getattr(args, "packing", False):
             raise ValueError(
                 "MultiTaskSFTTrainer: SFTConfig(packing=True) drops the task column when it packs the dataset; use "
                 "padding_free=True (packs each micro-batch, tasks kept per token) or packing=False"
             )
-        check_training_args(sft_args, strategy)
-        super().__init__(*args, **kwargs)
-        self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)
+        check_training_args(args, strategy)

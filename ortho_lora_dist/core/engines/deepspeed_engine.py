@@ -19,6 +19,20 @@ from ortho_lora_dist.core.engines.base import clip_
 from ortho_lora_dist.core.step import OrthoLoRA, StepResult
 
 
+def surrogate_loss(olr: OrthoLoRA, result: StepResult) -> torch.Tensor:
+    """sum_f <p_f, N * combined_f> over the factors of this rank's region (0 * p_f elsewhere, so every factor gets a
+    gradient): its gradient, averaged over the N ranks by ZeRO's reduce-scatter, is the combined gradient."""
+    N = olr.comm.world_size
+    surrogate = torch.zeros((), device=olr.lora_params[0].device)
+    for f in olr.layout.factors:
+        if f.region == result.region:
+            g = result.combined[f.offset : f.offset + f.numel].view_as(f.param) * N
+            surrogate = surrogate + (f.param * g.to(f.param.dtype)).sum()
+        else:
+            surrogate = surrogate + (f.param * 0).sum()
+    return surrogate
+
+
 class DeepSpeedAdapter:
     """Hands the combined LoRA gradient to a DeepSpeed engine built over the LoRA factors."""
 
@@ -41,21 +55,14 @@ class DeepSpeedAdapter:
         return self.scheduler.optimizer if self.scheduler is not None else self.engine.optimizer
 
     def apply(self, result: StepResult) -> None:
-        olr, N = self.olr, self.olr.comm.world_size
+        olr = self.olr
         heads = olr.head_params()
         olr.comm.mean_([p.grad for p in heads if p.grad is not None])
         if result.skipped:  # every rank skips together (the Grams are global)
             self._step_schedulers()
             olr.zero_grad()
             return
-        surrogate = torch.zeros((), device=olr.lora_params[0].device)
-        for f in olr.layout.factors:
-            if f.region == result.region:
-                g = result.combined[f.offset : f.offset + f.numel].view_as(f.param) * N
-                surrogate = surrogate + (f.param * g.to(f.param.dtype)).sum()
-            else:
-                surrogate = surrogate + (f.param * 0).sum()  # every factor gets a (zero) gradient
-        self.engine.backward(surrogate)
+        self.engine.backward(surrogate_loss(olr, result))
         self.engine.step()
         self.last_grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         if self.head_optimizer is not None and heads:
