@@ -3,8 +3,8 @@
 # four reasoning-gym chat tasks (configs/demo_llm.yaml: one epoch = 64 steps of 4 x 4 samples), exact match on
 # greedy generation; rows zero_shot, single, joint, ortho, norm_balance (global), imtl_g (global), FAMO; 3 seeds,
 # paired against joint, validation every 16 steps for time to accuracy; packed rows (train.packing, exact, ~1.5x
-# faster here). About 50 minutes per seed on 2 cores; resumable (finished runs are skipped, a stopped run resumes
-# from its last checkpoint): run it again after an interruption.
+# faster here). Estimated at about 50 minutes per seed on 2 cores from the measured step times; resumable
+# (finished runs are skipped, a stopped run resumes from its last checkpoint): run it again after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
