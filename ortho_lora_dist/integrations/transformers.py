@@ -159,6 +159,7 @@ class MultiTaskMixin:
             counts = counts.to(self.args.device)
             torch.distributed.all_reduce(counts)
         self._step_counts = counts.cpu()
+        self._step_loss_sums = torch.zeros(T, dtype=torch.float64)  # this rank's, for the logs
         self._micro_left = len(batches)
         self.olr.zero_grad()
         return batches, num_items
@@ -184,7 +185,7 @@ class MultiTaskMixin:
         counts = self._step_counts.to(loss.device, loss.dtype)
         losses = _world() * sums / counts.clamp_min(1)  # the mean over ranks (comm) of these: sum_all / n_t
         self.olr.backward(losses)
-        self._add_log("loss_sum", sums.detach().double().cpu())
+        self._step_loss_sums += sums.detach().double().cpu()
         self._micro_left -= 1
         if self._micro_left == 0:
             self._finish_step()
@@ -196,7 +197,7 @@ class MultiTaskMixin:
             self._deepspeed_step(result)
         else:
             self.olr.write_grads(result)
-        sums = self._pop_log("loss_sum")
+        sums = self._step_loss_sums
         if _world() > 1:
             sums = sums.to(self.args.device)
             torch.distributed.all_reduce(sums)
@@ -223,13 +224,6 @@ class MultiTaskMixin:
         engine.set_gradient_accumulation_boundary(is_boundary=True)  # one backward per step, whatever GAS says
         engine.backward(surrogate_loss(self.olr, result), scale_wrt_gas=False)
         engine.step()
-
-    def _add_log(self, key: str, value: torch.Tensor) -> None:
-        self._pending = getattr(self, "_pending", {})
-        self._pending[key] = self._pending.get(key, 0) + value
-
-    def _pop_log(self, key: str) -> torch.Tensor:
-        return self._pending.pop(key)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._logged:  # a training log: add the means since the last one
