@@ -26,15 +26,9 @@ TEXTS = [
 ]
 
 
-ZERO2 = {  # DeepSpeed ZeRO-2 through HF's integration ("auto": from TrainingArguments)
-    "zero_optimization": {"stage": 2},
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "zero_allow_untested_optimizer": True,
-    "zero_force_ds_cpu_optimizer": False,
-}
+# DeepSpeed ZeRO-2 through HF's integration: the shipped ds_configs/zero2.json ("auto" fields filled from
+# TrainingArguments), plus what DeepSpeed's CPU accelerator needs to wrap torch's optimizers
+ZERO2 = {**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), "zero_force_ds_cpu_optimizer": False}
 
 
 def rows(n: int) -> list[dict]:
