@@ -153,7 +153,7 @@ class MultiTaskMixin:
         T = len(self.task_names)
         counts = torch.zeros(T, dtype=torch.float64)
         for b in batches:
-            _, tasks = self._labelled_tasks(b)
+            tasks = _token_tasks(b[TASK_KEY], b["labels"][:, 1:] != -100)
             counts += torch.bincount(tasks.cpu(), minlength=T).double()
         if _world() > 1:
             counts = counts.to(self.args.device)
@@ -231,10 +231,6 @@ class MultiTaskMixin:
                 logs[k] = sum(vs) if k == "skipped_steps" else sum(vs) / len(vs)
             self._logged = {}
         super().log(logs, start_time)
-
-    def _labelled_tasks(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = batch["labels"][:, 1:] != -100
-        return keep, _token_tasks(batch[TASK_KEY], keep)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:

@@ -3,6 +3,8 @@ samples apart."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +17,6 @@ PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 def check_packing(model: nn.Module, model_name: str) -> str:
     """The loaded model's attention implementation if packed rows keep attention inside each sample, else a
     ValueError naming it (and what to set)."""
-    import sys
-
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in PACKED_ATTENTION:
         raise ValueError(

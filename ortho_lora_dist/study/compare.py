@@ -105,13 +105,9 @@ def _run(cfg: Config) -> dict:
             raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
     records = [json.loads(x) for x in (out / rf.METRICS).read_text().splitlines() if x.strip()]
     steps = [r for r in records if "loss" in r]
-    ev = json.loads((out / rf.EVAL).read_text())
-    split = "test" if "test" in ev else "validation"
     gains = [g for r in steps for g in r.get("gain", {}).values() if g is not None]
     return {
-        "metrics": {k: v for k, v in ev[split].items() if k != "average"},
-        "validation": {k: v for k, v in ev.get("validation", {}).items() if k != "average"},
-        "split": split,
+        **_eval_rows(json.loads((out / rf.EVAL).read_text())),
         "seconds_per_step": _mean([r["seconds_per_step"] for r in steps]),
         "conflict_rate": _mean([r["conflict_rate/all"] for r in steps if "conflict_rate/all" in r]),
         "change": _mean([r.get("leverage/change") for r in steps if "leverage/change" in r]),
@@ -121,16 +117,22 @@ def _run(cfg: Config) -> dict:
     }
 
 
-def _zero_shot(cfg: Config) -> dict:
-    from ortho_lora_dist.study.zero_shot import evaluate_zero_shot
-
-    ev = json.loads(evaluate_zero_shot(cfg).read_text())
+def _eval_rows(ev: dict) -> dict:
+    """A run's eval.json as compare reads it: per-task metrics of the reported split (test if any), validation."""
     split = "test" if "test" in ev else "validation"
-    nan = float("nan")
     return {
         "metrics": {k: v for k, v in ev[split].items() if k != "average"},
         "validation": {k: v for k, v in ev.get("validation", {}).items() if k != "average"},
         "split": split,
+    }
+
+
+def _zero_shot(cfg: Config) -> dict:
+    from ortho_lora_dist.study.zero_shot import evaluate_zero_shot
+
+    nan = float("nan")
+    return {
+        **_eval_rows(json.loads(evaluate_zero_shot(cfg).read_text())),
         **dict.fromkeys(("seconds_per_step", "conflict_rate", "change", "cos_joint", "negative_gain"), nan),
     }
 
@@ -174,6 +176,10 @@ def compare(
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         method_settings(m)  # refuse unknown names before any run
+    if "zero_shot" in methods:  # refused for an encoder before any run trains
+        from ortho_lora_dist.study.zero_shot import check_zero_shot
+
+        check_zero_shot(cfg)
     if eval_every is not None:
         tree = cfg.model_dump()
         tree["train"]["eval_every"] = eval_every

@@ -22,13 +22,18 @@ from ortho_lora_dist.runtime.distributed import init_distributed
 from ortho_lora_dist.runtime.fsutil import atomic_write_text
 
 
+def check_zero_shot(cfg: Config) -> None:
+    """A zero-shot row needs a causal LM: an encoder's task heads start random (ValueError naming the key)."""
+    if cfg.model.kind != "causal-lm":
+        raise ValueError("compare: zero_shot needs model.kind: causal-lm (an encoder's task heads start untrained)")
+
+
 def evaluate_zero_shot(cfg: Config) -> Path:
     """OUTPUT_DIR/eval.json of the untrained model of ``cfg`` (causal LM only); kept if already there."""
     out = Path(cfg.output_dir)
     if (out / rf.EVAL).is_file():
         return out / rf.EVAL
-    if cfg.model.kind != "causal-lm":
-        raise ValueError("compare: zero_shot needs model.kind: causal-lm (an encoder's task heads start untrained)")
+    check_zero_shot(cfg)
     tasks = load_tasks(cfg.tasks)
     info = init_distributed(cfg.distributed.backend, deepspeed=False)
     torch.manual_seed(cfg.train.seed)
