@@ -1,0 +1,32 @@
+"""The ``model`` and ``lora`` sections: what to load and the adapter put on it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ortho_lora_dist.config.base import Strict
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        description="local directory, hub id, or pkg://PACKAGE/SUBDIR (a model shipped in a package)"
+    )
+    kind: Literal["encoder-classification", "causal-lm"] = "encoder-classification"
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, gt=0)
+    trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="causal-lm: transformers' attention implementation (default: transformers' choice, sdpa)"
+    )
+
+
+class LoraConfigModel(Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha / r (0 would make every LoRA gradient 0)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["query", "value"])
+    use_rslora: bool = False

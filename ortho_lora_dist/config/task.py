@@ -1,0 +1,132 @@
+"""One entry of ``tasks``: where its data is, its format, how it is scored and decoded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ortho_lora_dist.config.base import Strict
+
+
+class GenerationOptions(Strict):
+    """Decoding of a generation task (greedy, batched with left padding; see generation.py)."""
+
+    max_new_tokens: int = Field(32, gt=0, description="tokens generated at most per answer")
+    stop: list[str] = Field(default_factory=list, description="the answer ends before the first of these strings")
+
+
+class TaskConfig(Strict):
+    name: str
+    dataset: str | None = Field(None, description="HF dataset id (loaded with datasets.load_dataset)")
+    dataset_config: str | None = None
+    files: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder"
+    )
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    type: Literal["classification", "regression", "generation"] = "classification"
+    labels: list[str] | None = Field(None, description="label set (default: the labels seen in train, sorted)")
+    metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match"] = "accuracy"
+    loss_weight: float = Field(1.0, ge=0)
+    prompt: str | None = Field(
+        None,
+        description="format text: '{text}' / '{text_pair}' template (default "
+        "'{text}\\nAnswer:'); alpaca: '{instruction}' / '{input}' (default: Alpaca's templates)",
+    )
+    label_words: dict[str, str] | None = None
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="generation tasks: max_new_tokens, stop"
+    )
+    answer_regex: str | None = Field(
+        None, description="scored answer: first capture group (or whole match), on prediction and reference"
+    )
+    extract: Literal["none", "last_number", "gsm8k"] = Field(
+        "none", description="named answer extractor (instead of answer_regex)"
+    )
+    normalize: Literal["default", "lowercase", "strip", "list"] = Field(
+        "default", description="answer normalisation before exact_match (list: comma-separated items)"
+    )
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+    format: Literal["text", "alpaca", "chat"] = Field(
+        "text",
+        description="record layout: text (+pair) and label, instruction/input/output, or chat messages (see README)",
+    )
+    instruction_field: str = "instruction"
+    input_field: str = Field("input", description="alpaca: optional per record (missing or empty: no input)")
+    output_field: str = "output"
+    messages_field: str = Field(
+        "messages", description="chat: a list of {role, content}; the last is the assistant's answer"
+    )
+    train_on_inputs: bool = Field(False, description="causal-lm: loss on the prompt tokens too (default: answer only)")
+    validation_fraction: float | None = Field(
+        None, gt=0, lt=1, description="hold out this share of train as validation"
+    )
+    validation_seed: int = Field(0, description="seed of the validation_fraction split (fixed across train.seed)")
+
+    @model_validator(mode="after")
+    def _source(self) -> TaskConfig:
+        if (self.dataset is None) == (self.files is None):
+            raise ValueError(f"task {self.name!r}: give exactly one of 'dataset' (HF id) or 'files' (local JSONL/CSV)")
+        if self.files is not None and "train" not in self.files:
+            raise ValueError(f"task {self.name!r}: files needs a 'train' entry")
+        given = self.model_fields_set
+        if self.format != "text":  # the answer is text: generation, scored by exact match unless told otherwise
+            if "type" not in given:
+                self.type = "generation"
+            elif self.type != "generation":
+                raise ValueError(
+                    f"task {self.name!r}: format {self.format!r} makes a generation task (its answer is "
+                    f"text), not {self.type!r}: remove 'type' or set type: generation"
+                )
+            if "metric" not in given:
+                self.metric = "exact_match"
+        if self.format == "chat" and self.prompt is not None:
+            raise ValueError(
+                f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "
+                "remove 'prompt'"
+            )
+        if self.format == "text" and self.prompt is None:
+            self.prompt = "{text}\nAnswer:"
+        if self.prompt is not None:
+            import string
+
+            allowed = {"text": {"text", "text_pair"}, "alpaca": {"instruction", "input"}}[self.format]
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None}
+            except ValueError as e:
+                raise ValueError(
+                    f"task {self.name!r}: prompt is not a valid template ({e}; write {{{{ and }}}} for braces)"
+                ) from None
+            bad = sorted(names - allowed)
+            if bad:
+                raise ValueError(
+                    f"task {self.name!r}: prompt uses {', '.join('{' + b + '}' for b in bad)}; format "
+                    f"{self.format!r} fills {', '.join('{' + a + '}' for a in sorted(allowed))}"
+                )
+        if self.validation_fraction is not None:
+            if self.files is not None and "validation" in self.files:
+                raise ValueError(f"task {self.name!r}: give either files.validation or validation_fraction, not both")
+            if self.dataset is not None and "eval_split" in given:
+                raise ValueError(f"task {self.name!r}: give either eval_split or validation_fraction, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _answer(self) -> TaskConfig:
+        if self.answer_regex is not None:
+            if self.extract != "none":
+                raise ValueError(f"task {self.name!r}: give answer_regex or extract, not both")
+            import re
+
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                raise ValueError(
+                    f"task {self.name!r}: answer_regex {self.answer_regex!r} is not a valid regular expression ({e})"
+                ) from None
+        return self

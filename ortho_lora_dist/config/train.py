@@ -1,0 +1,121 @@
+"""The ``train`` and ``distributed`` sections: the multi-task rule, the schedule, batching, checkpoints, trackers."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ortho_lora_dist.config.base import Strict
+
+
+class TrainConfig(Strict):
+    strategy: str = Field(
+        "ortho", description="ortho | joint | norm_balance | a TorchJD weighting (see docs/design.md)"
+    )
+    strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
+    granularity: Literal["factor", "module", "global"] = "factor"
+    mode: Literal["one_backward", "reference"] = "one_backward"
+    reduce: Literal["auto", "step", "eager"] = "auto"
+    bucket_mb: float = Field(
+        25.0,
+        gt=0,
+        description="reduce 'eager': MB of per-task gradients per asynchronous reduce "
+        "(at most 1/16 of a rank's region)",
+    )
+    buffer_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the per-task gradient buffer (bfloat16: half its memory; Grams stay fp32/fp64)"
+    )
+    lr: float = Field(5e-4, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    per_task_batch_size: int = Field(
+        32,
+        gt=0,
+        description="samples of EACH task per rank per micro-batch (task_sampling "
+        "equal); otherwise a micro-batch holds per_task_batch_size x tasks samples per rank",
+    )
+    eval_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="samples per evaluation batch, tasks mixed (default: per_task_batch_size x tasks, at least "
+        "2 x per_task_batch_size: the training micro-batch, which fits in memory with gradients)",
+    )
+    task_sampling: Literal["equal", "proportional", "temperature"] = Field(
+        "equal",
+        description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
+        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); see docs/design.md",
+    )
+    temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
+    gradient_accumulation: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    packing: bool = Field(
+        False,
+        description="causal-lm: pack each micro-batch's samples into rows of at most model.max_length tokens, "
+        "attention inside each sample (sdpa / eager; flash_attention_2: one row); exact per-task gradients",
+    )
+    max_grad_norm: float = Field(0.0, ge=0, description="0: no clipping")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end / on signal)")
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept (0: all); the one resumed from is kept")
+    eval_every: int = Field(0, ge=0)
+    max_consecutive_skips: int = Field(10, gt=0)
+    plots: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers besides metrics.jsonl (always written): "
+        "tensorboard, wandb (mode from WANDB_MODE), mlflow (MLFLOW_TRACKING_URI); [] for none",
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from ortho_lora_dist.core.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            close = difflib.get_close_matches(v, STRATEGIES, n=1)
+            raise ValueError(
+                f"unknown strategy {v!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                f"choose from {', '.join(STRATEGIES)}"
+            )
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        """A tracker listed but not installed fails here, before anything loads, naming the extra to install."""
+        missing = missing_trackers(v)
+        if missing:
+            raise ValueError("; ".join(missing))
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.epochs is None and self.steps is None:
+            self.epochs = 1.0
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("train: give either 'epochs' or 'steps', not both")
+        return self
+
+
+def missing_trackers(report_to) -> list[str]:
+    """The trackers of ``report_to`` whose library is not installed, each with the pip extra that brings it."""
+    import importlib.util
+
+    extra = {"tensorboard": "tensorboard", "wandb": "ortho-lora-dist[wandb]", "mlflow": "ortho-lora-dist[mlflow]"}
+    return [
+        f"{name} is not installed (pip install '{extra[name]}')"
+        for name in report_to
+        if importlib.util.find_spec(name) is None
+    ]
+
+
+class DistributedConfig(Strict):
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    deepspeed_config: str = "ds_configs/zero2.json"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
