@@ -12,6 +12,8 @@ Per rank, per optimizer step (one micro-batch), fp32, B blocks, ring collectives
   joint (DDP all-reduce of the P grads):      sent 2 R P
   ortho, replicated LoRA (torch/DDP, FSDP2):  sent R T P (per-task reduce) + 2 R B T^2 (Grams) + R P (all-gather)
   ortho, DeepSpeed ZeRO-2:                    sent R T P + 2 R B T^2 on top of ZeRO-2's own 2 R P
+  a loss-only rule (famo, initial_loss):      sent R P + R P = joint's 2 R P (one gradient; --measure rows
+                                              with "strategy": "famo"; "ortho_sent" is then that rule's bytes)
 Extra memory per rank over joint:
   reduce 'step':  local per-task buffer T P + reduced region T P / N + combined P / N
   reduce 'eager': owned region T P / N + buckets in flight (<= max(T P / 8N, one factor)) + combined P / N
@@ -116,12 +118,12 @@ def measure(T_values) -> None:
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    args = argparse.Namespace(vocab=2000, hidden=256, layers=4, seq=64, rank=16)
+    args = argparse.Namespace(vocab=2000, hidden=256, layers=4, seq=64, rank=16, model=None)
     for T in T_values:
-        for policy in ("step", "eager"):
+        for policy, strategy in (("step", "ortho"), ("eager", "ortho"), ("step", "famo"), ("eager", "famo")):
             model = build(args)
             comm = DistComm()
-            olr = OrthoLoRA(model, T, comm=comm, reduce=policy)
+            olr = OrthoLoRA(model, T, comm=comm, reduce=policy, strategy=strategy, granularity="factor")
             ids = torch.randint(0, args.vocab, (T, args.seq), generator=torch.Generator().manual_seed(comm.rank))
             olr.set_tasks(torch.arange(T))
             olr.backward(task_losses(model, ids, torch.arange(T), T))
@@ -129,7 +131,7 @@ def measure(T_values) -> None:
             result = olr.project()
             olr.write_grads(result)
             P, N = olr.layout.numel, comm.world_size
-            region = T * olr.layout.region_size * 4 if policy == "step" else 0  # reduce-scatter output
+            region = olr.grad_tasks * olr.layout.region_size * 4 if policy == "step" else 0  # reduce-scatter output
             extra = (
                 olr.grads.peak_bytes
                 + region
@@ -150,6 +152,7 @@ def measure(T_values) -> None:
                 sent,
                 extra,
                 measured=True,
+                strategy=strategy,
                 per_collective_MB={k: round(v / 2**20, 3) for k, v in comm.sent_bytes.items()},
                 collectives_per_micro_batch=sum(per_micro.values()),
                 lora_factors=len(olr.layout.factors),
