@@ -99,8 +99,8 @@ def _run(cfg: Config) -> dict:
     from ortho_lora_dist.training.recipe import Trainer
 
     out = Path(cfg.output_dir)
-    if not (out / rf.FINISHED).is_file():
-        result = Trainer(cfg, resume=True).train()
+    if not (out / rf.FINISHED).is_file():  # resume a stopped run; a fresh one starts without the resume warning
+        result = Trainer(cfg, resume=out.is_dir() and any(out.iterdir())).train()
         if result.get("interrupted"):
             raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
     records = [json.loads(x) for x in (out / rf.METRICS).read_text().splitlines() if x.strip()]
