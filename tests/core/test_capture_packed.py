@@ -11,6 +11,8 @@ capture itself equals T backward passes (test_capture.py); here the packed one a
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ortho_lora_dist import OrthoLoRA
 from ortho_lora_dist.core.strategies import STRATEGIES
@@ -165,3 +167,34 @@ def test_per_token_task_ids_are_checked(llama_dir):
     olr.set_tasks(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"per-token task ids are \[2, 5\]"):
         model(input_ids=torch.ones(2, 4, dtype=torch.long))
+
+
+ROWS = st.integers(1, 4).flatmap(
+    lambda t: st.tuples(st.just(t), st.lists(st.integers(-1, t - 1), min_size=1, max_size=40), st.booleans())
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ROWS)
+def test_task_groups_assign_every_row_to_its_task(case):
+    """Whatever path _task_groups picks (bmm, slices, one permutation), task t gets exactly the rows with id t, in
+    their order, and padding rows (-1) none; sorted draws reach the bmm and slice paths."""
+    from ortho_lora_dist.core.capture import _task_groups
+
+    num_tasks, ids, ordered = case
+    if ordered:
+        ids = sorted(ids, key=lambda x: (x < 0, x))
+    if all(i < 0 for i in ids):
+        return  # set_tasks refuses a batch with no task row before grouping
+    task_ids = torch.tensor(ids)
+    got: dict[int, list[int]] = {}
+    for g in _task_groups(task_ids, num_tasks):
+        if g[0] == "bmm":
+            got.update({t: list(range(t * g[2], (t + 1) * g[2])) for t in range(g[1])})
+        elif g[0] == "slice":
+            got[g[1]] = list(range(g[2], g[3]))
+        else:
+            order = g[1].tolist()
+            got.update({t: order[lo:hi] for t, lo, hi in g[2]})
+    want = {t: [i for i, x in enumerate(ids) if x == t] for t in range(num_tasks)}
+    assert got == {t: rows for t, rows in want.items() if rows}
