@@ -404,6 +404,7 @@ def plot(summary: dict, path: Path) -> None:
     names = summary["tasks"] + ["average"]
     methods = list(summary["methods"])
     curves = {m: e["curve"] for m, e in summary["methods"].items() if e.get("curve")}
+    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method in both panels
     x = np.arange(len(names))
     width = 0.8 / len(methods)
     bar_width = max(7, 1.6 * len(names))
@@ -413,7 +414,7 @@ def plot(summary: dict, path: Path) -> None:
         e = summary["methods"][m]
         means = [e["per_task"][n]["mean"] for n in summary["tasks"]] + [e["average"]["mean"]]
         errs = [e["per_task"][n]["ci95"] for n in summary["tasks"]] + [e["average"]["ci95"]]
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=m)
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=m, color=color[m])
     ax.set_xticks(x, names)
     lo = min(summary["methods"][m]["per_task"][n]["mean"] for m in methods for n in summary["tasks"])
     ax.set_ylim(max(0.0, lo - 0.1), 1.0)
@@ -424,7 +425,7 @@ def plot(summary: dict, path: Path) -> None:
         cv = axes[0][1]
         for m, curve in curves.items():
             steps, values = zip(*curve)
-            cv.plot(steps, values, marker=".", label=m, linewidth=2.5 if m == "joint" else 1.2)
+            cv.plot(steps, values, marker=".", label=m, color=color[m], linewidth=2.5 if m == "joint" else 1.2)
         targets = [tt for e in summary["methods"].values() if (tt := e.get("time_to_target"))]
         if targets:
             target = sum(targets[0]["target"]) / len(targets[0]["target"])
