@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ortho_lora_dist.artifacts.adapter import find_adapter, load_adapter_model, read_meta
-from ortho_lora_dist.data.loading import DataError, check_messages, iter_jsonl, text_value
+from ortho_lora_dist.data.errors import DataError
+from ortho_lora_dist.data.fields import check_messages, text_value
+from ortho_lora_dist.data.sources import iter_jsonl
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime.progress import progress
