@@ -209,7 +209,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(env, tmp_path):
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
 
 
-def test_compare_is_complete_and_resumable(env, tmp_path):
+def test_compare_is_complete_and_resumable(env, tmp_path, caplog):
     from ortho_lora_dist.study.compare import compare
 
     cfg = load_config(make_config(env, tmp_path / "cmp", steps=3))
@@ -217,6 +217,7 @@ def test_compare_is_complete_and_resumable(env, tmp_path):
     methods = ["single", "joint", "ortho-factor", "norm_balance-global", "famo-global", "lossweights"]
     s = compare(cfg, 2, out, methods, eval_every=1)
     assert s["split"] == "test"
+    assert "--resume: no checkpoint" not in caplog.text  # fresh runs start fresh, without the resume warning
     assert set(s["methods"]) == set(methods)
     e = s["methods"]["ortho-factor"]
     assert set(e["per_task"]) == {"sentiment", "topic"} and "gap_recovery" in e and e["time_vs_joint"] > 0
