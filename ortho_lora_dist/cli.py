@@ -163,14 +163,17 @@ def _compare(args) -> int:
     if args.eval_every is not None and args.eval_every < 0:
         raise ConfigError(f"--eval-every must be 0 or more, got {args.eval_every}")
     out = args.out or str(cfg.output_dir) + "-compare"
-    from ortho_lora_dist.study.compare import CompareInterrupted
+    from ortho_lora_dist.study.compare import CompareInterrupted, UnknownTask
 
     try:
         methods = args.methods.split(",") if args.methods else None
-        summary = compare(cfg, args.seeds, out, methods, eval_every=args.eval_every)
+        score = [n.strip() for n in args.score.split(",") if n.strip()] if args.score else None
+        summary = compare(cfg, args.seeds, out, methods, eval_every=args.eval_every, score=score)
     except CompareInterrupted as e:
         print(str(e), file=sys.stderr)
         return 0
+    except UnknownTask as e:
+        raise ConfigError(f"--score: {e}") from None
     except ValueError as e:
         if "unknown method" in str(e):
             raise ConfigError(f"--methods: {e}") from None
@@ -278,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="validate every N optimizer steps: validation curves and time to joint's best validation average "
         "(default: the config's train.eval_every; 0: final evaluation only)",
+    )
+    c.add_argument(
+        "--score",
+        help="comma list of the tasks the average (and so the paired differences and time to target) is taken "
+        "over; default all. The others are auxiliary: trained and tabled per task, not averaged",
     )
     c.add_argument("--out", help="default: OUTPUT_DIR-compare")
     c.set_defaults(func=_compare)

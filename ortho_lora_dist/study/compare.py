@@ -13,7 +13,10 @@ order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``, ``norm_balance-fac
 means ``-global``), and ``lossweights``: joint training
 with static per-task loss weights chosen on validation (seed 0) from the grid {all 1} U {task t x3, others 1}.
 
-Reported per method: per-task metric mean and 95% CI across seeds (Student t), their average, the gap
+Reported per method: per-task metric mean and 95% CI across seeds (Student t), their average (over the
+``score`` tasks: all by default; a subset when the others are auxiliary tasks trained for the sake of the scored
+ones, as the variations study's shuffled-label task; the paired differences, gap recovery, validation average
+and time to target all use that same average), the gap
 recovery (method - joint) / (single - joint), the paired difference of the average vs joint per seed with
 its 95% CI and the count of positive seeds, the validation average, leverage telemetry (mean relative
 change of the update vs joint, mean cos(combined, joint), fraction of task-steps with a negative first-order
@@ -92,11 +95,15 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+class UnknownTask(ValueError):
+    """A ``score`` name that is not one of the config's tasks."""
+
+
 class CompareInterrupted(RuntimeError):
     """A stop signal reached one of the runs: it checkpointed; the same command resumes the comparison."""
 
 
-def _run(cfg: Config) -> dict:
+def _run(cfg: Config, scored: list[str]) -> dict:
     from ortho_lora_dist.training.recipe import Trainer
 
     out = Path(cfg.output_dir)
@@ -105,6 +112,7 @@ def _run(cfg: Config) -> dict:
         if result.get("interrupted"):
             raise CompareInterrupted(f"stopped during {out} (checkpoint written): run the same command again to resume")
     records = [json.loads(x) for x in (out / rf.METRICS).read_text().splitlines() if x.strip()]
+    own = [t.name for t in cfg.tasks]
     steps = [r for r in records if "loss" in r]
     gains = [g for r in steps for g in r.get("gain", {}).values() if g is not None]
     return {
@@ -114,7 +122,7 @@ def _run(cfg: Config) -> dict:
         "change": _mean([r.get("leverage/change") for r in steps if "leverage/change" in r]),
         "cos_joint": _mean([r.get("leverage/cos_joint") for r in steps if "leverage/cos_joint" in r]),
         "negative_gain": (sum(g < 0 for g in gains) / len(gains)) if gains else float("nan"),
-        "curve": validation_curve(records, [t.name for t in cfg.tasks]),
+        "curve": validation_curve(records, [n for n in scored if n in own] or own),  # own: a single-task run
     }
 
 
@@ -154,7 +162,7 @@ def _avg(metrics: dict, names: list[str]) -> float:
     return sum(metrics[n] for n in names) / len(names)
 
 
-def _choose_loss_weights(cfg: Config, out: Path, names: list[str]) -> dict:
+def _choose_loss_weights(cfg: Config, out: Path, names: list[str], scored: list[str]) -> dict:
     """The grid {all 1} U {task t x LOSS_WEIGHT_FACTOR}, each trained at seed 0; the best validation average wins."""
     grid = [[1.0] * len(names)] + [
         [LOSS_WEIGHT_FACTOR if i == t else 1.0 for i in range(len(names))] for t in range(len(names))
@@ -163,20 +171,31 @@ def _choose_loss_weights(cfg: Config, out: Path, names: list[str]) -> dict:
     for w in grid:
         tag = "uniform" if all(x == 1.0 for x in w) else f"x{LOSS_WEIGHT_FACTOR:g}-{names[w.index(LOSS_WEIGHT_FACTOR)]}"
         where = out / "runs" / "joint" / "seed0" if tag == "uniform" else out / "runs" / "lossweights-grid" / tag
-        r = _run(_variant(cfg, "joint", 0, where, loss_weights=w))
-        scores.append({"weights": dict(zip(names, w)), "tag": tag, "validation_average": _avg(r["validation"], names)})
+        r = _run(_variant(cfg, "joint", 0, where, loss_weights=w), scored)
+        scores.append({"weights": dict(zip(names, w)), "tag": tag, "validation_average": _avg(r["validation"], scored)})
     best = max(scores, key=lambda x: x["validation_average"])
     return {"grid": scores, "chosen": best}
 
 
 def compare(
-    cfg: Config, seeds: int, out_dir: str | Path, methods: list[str] | None = None, eval_every: int | None = None
+    cfg: Config,
+    seeds: int,
+    out_dir: str | Path,
+    methods: list[str] | None = None,
+    eval_every: int | None = None,
+    score: list[str] | None = None,
 ) -> dict:
     """Every method x seed (interleaved, resumable); ``eval_every``: validation every N steps for the curves and
-    time to accuracy (default: the config's train.eval_every; 0: final evaluation only, no time to accuracy)."""
+    time to accuracy (default: the config's train.eval_every; 0: final evaluation only, no time to accuracy);
+    ``score``: the tasks the average is taken over (default all; every task is still trained and tabled)."""
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         method_settings(m)  # refuse unknown names before any run
+    names = [t.name for t in cfg.tasks]
+    for n in score or []:
+        if n not in names:
+            raise UnknownTask(f"unknown task {n!r}: the config's tasks are {names}")
+    scored = [n for n in names if n in (score or names)]  # in the config's order
     if "zero_shot" in methods:  # refused for an encoder before any run trains
         from ortho_lora_dist.study.zero_shot import check_zero_shot
 
@@ -186,16 +205,16 @@ def compare(
         tree["train"]["eval_every"] = eval_every
         cfg = Config.model_validate(tree)
     out = Path(out_dir)
-    names = [t.name for t in cfg.tasks]
     tuned = None
     if "lossweights" in methods:
-        tuned = _choose_loss_weights(cfg, out, names)
+        tuned = _choose_loss_weights(cfg, out, names, scored)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(seeds):
         for m in methods:
             if m == "single":
                 parts = [
-                    _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}" / n, t)) for t, n in enumerate(names)
+                    _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}" / n, t), scored)
+                    for t, n in enumerate(names)
                 ]
                 runs[m].append(
                     {
@@ -221,20 +240,26 @@ def compare(
                 )
                 if seed == 0 and tuned["chosen"]["tag"] != "uniform":
                     where = out / "runs" / "lossweights-grid" / tuned["chosen"]["tag"]
-                runs[m].append(_run(_variant(cfg, "joint", seed, where, loss_weights=w)))
+                runs[m].append(_run(_variant(cfg, "joint", seed, where, loss_weights=w), scored))
             else:
-                runs[m].append(_run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}")))
-    summary: dict = {"seeds": seeds, "split": runs[methods[0]][0]["split"], "tasks": names, "methods": {}}
+                runs[m].append(_run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}"), scored))
+    summary: dict = {
+        "seeds": seeds,
+        "split": runs[methods[0]][0]["split"],
+        "tasks": names,
+        "scored": scored,
+        "methods": {},
+    }
     if tuned:
         summary["lossweights"] = tuned
     joint_time = _mean([r["seconds_per_step"] for r in runs["joint"]]) if "joint" in runs else None
     for m in methods:
         per_task = {n: _ci95([r["metrics"][n] for r in runs[m]]) for n in names}
-        avg = _ci95([_avg(r["metrics"], names) for r in runs[m]])
+        avg = _ci95([_avg(r["metrics"], scored) for r in runs[m]])
         entry = {
             "per_task": {n: {"mean": v[0], "ci95": v[1]} for n, v in per_task.items()},
             "average": {"mean": avg[0], "ci95": avg[1]},
-            "validation_average": _mean([_avg(r["validation"], names) for r in runs[m] if r["validation"]]),
+            "validation_average": _mean([_avg(r["validation"], scored) for r in runs[m] if r["validation"]]),
             **{
                 k: _mean([r[k] for r in runs[m]])
                 for k in ("conflict_rate", "change", "cos_joint", "negative_gain", "seconds_per_step")
@@ -243,7 +268,7 @@ def compare(
         if joint_time and not math.isnan(entry["seconds_per_step"]):
             entry["time_vs_joint"] = entry["seconds_per_step"] / joint_time
         if "joint" in runs and m != "joint":
-            diffs = [_avg(a["metrics"], names) - _avg(b["metrics"], names) for a, b in zip(runs[m], runs["joint"])]
+            diffs = [_avg(a["metrics"], scored) - _avg(b["metrics"], scored) for a, b in zip(runs[m], runs["joint"])]
             mean, half = _ci95(diffs)
             entry["paired_vs_joint"] = {
                 "per_seed": diffs,
@@ -315,6 +340,7 @@ def _num(x, fmt: str = ".3f") -> str:
 
 def to_markdown(summary: dict) -> str:
     names = summary["tasks"]
+    scored = summary.get("scored", names)
     cols = [
         *names,
         "average",
@@ -351,7 +377,8 @@ def to_markdown(summary: dict) -> str:
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     note = (
         f"\n{summary['seeds']} seeds; metrics x100, mean ± 95% CI (Student t) on the {summary['split']} split; "
-        "paired diff = per-seed (method - joint) of the average; neg. gain = share of task-steps whose "
+        + (f"average = {', '.join(scored)} only (--score); " if scored != names else "")
+        + "paired diff = per-seed (method - joint) of the average; neg. gain = share of task-steps whose "
         "first-order gain g_t . combined was < 0.\n"
     )
     if "lossweights" in summary:

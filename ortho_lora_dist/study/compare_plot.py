@@ -14,7 +14,9 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = summary["tasks"] + ["average"]
+    scored = summary.get("scored", summary["tasks"])
+    label = "average" if scored == summary["tasks"] else f"average ({', '.join(scored)})"
+    names = summary["tasks"] + [label]
     methods = list(summary["methods"])
     curves = {m: e["curve"] for m, e in summary["methods"].items() if e.get("curve")}
     color = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method in both panels

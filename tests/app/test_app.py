@@ -248,6 +248,39 @@ def test_compare_is_complete_and_resumable(env, tmp_path, caplog):
     assert (out / "runs" / "joint" / "seed1" / "eval.json").stat().st_mtime == stamp
 
 
+def test_compare_scores_a_subset_of_tasks(env, tmp_path, capsys):
+    """--score: the average, paired differences, validation average and curves over the scored tasks only."""
+    from ortho_lora_dist.study.compare import UnknownTask, compare
+
+    path = make_config(env, tmp_path / "sc", steps=2)
+    cfg, out = load_config(path), tmp_path / "sc-compare"
+    s = compare(cfg, 2, out, ["single", "joint", "norm_balance-global"], eval_every=1, score=["topic"])
+    assert s["scored"] == ["topic"] and s["tasks"] == ["sentiment", "topic"]
+
+    def ev(method, seed, split="test"):
+        return json.loads((out / "runs" / method / f"seed{seed}" / "eval.json").read_text())[split]["topic"]
+
+    nb, joint = s["methods"]["norm_balance-global"], s["methods"]["joint"]
+    assert joint["average"]["mean"] == pytest.approx(joint["per_task"]["topic"]["mean"], abs=1e-12)
+    assert nb["paired_vs_joint"]["per_seed"] == pytest.approx(
+        [ev("norm_balance-global", k) - ev("joint", k) for k in (0, 1)], abs=1e-12
+    )
+    val = (ev("joint", 0, "validation") + ev("joint", 1, "validation")) / 2
+    assert joint["validation_average"] == pytest.approx(val, abs=1e-12)
+    assert joint["curve"][-1][1] == pytest.approx(val, abs=1e-9), "the curves average the scored task only"
+    single = s["methods"]["single"]
+    assert single["average"]["mean"] == pytest.approx(single["per_task"]["topic"]["mean"], abs=1e-12)
+    assert "average = topic only (--score)" in (out / "compare.md").read_text()
+    full = compare(cfg, 2, out, ["single", "joint", "norm_balance-global"])  # the same runs, every task averaged
+    assert full["scored"] == ["sentiment", "topic"] and full["methods"]["joint"]["average"]["mean"] == pytest.approx(
+        (joint["per_task"]["sentiment"]["mean"] + joint["per_task"]["topic"]["mean"]) / 2
+    )
+    with pytest.raises(UnknownTask, match="unknown task 'topik'"):
+        compare(cfg, 1, out, ["joint"], score=["topik"])
+    assert cli(["compare", str(path), "--score", "topik", "--methods", "joint", "--out", str(tmp_path / "x")]) == 2
+    assert "--score: unknown task 'topik'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("name", ["demo", "study", "paper_glue", "llama7b_qlora"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
