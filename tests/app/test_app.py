@@ -271,6 +271,19 @@ def test_compare_scores_a_subset_of_tasks(env, tmp_path, capsys):
     single = s["methods"]["single"]
     assert single["average"]["mean"] == pytest.approx(single["per_task"]["topic"]["mean"], abs=1e-12)
     assert "average = topic only (--score)" in (out / "compare.md").read_text()
+    # joint's geometry: the per-step shares and cosines of metrics.jsonl, averaged over steps, then seeds
+    logged = [
+        [json.loads(x) for x in (out / "runs" / "joint" / f"seed{k}" / "metrics.jsonl").read_text().splitlines()]
+        for k in (0, 1)
+    ]
+    logged = [[r for r in rs if "share" in r] for rs in logged]
+    g = joint["geometry"]
+    for key, pick in (("topic", lambda r: r["share"]["topic"]), ("all", lambda r: r["cosine/all"])):
+        want = sum(sum(map(pick, rs)) / len(rs) for rs in logged) / 2
+        got = g["share"]["topic"] if key == "topic" else g["cosine"]["all"]
+        assert got == pytest.approx(want, abs=1e-12), key
+    assert sum(g["share"].values()) == pytest.approx(1.0, abs=1e-5) and "geometry" not in s["methods"]["single"]
+    assert "joint's task gradients" in (out / "compare.md").read_text()
     full = compare(cfg, 2, out, ["single", "joint", "norm_balance-global"])  # the same runs, every task averaged
     assert full["scored"] == ["sentiment", "topic"] and full["methods"]["joint"]["average"]["mean"] == pytest.approx(
         (joint["per_task"]["sentiment"]["mean"] + joint["per_task"]["topic"]["mean"]) / 2
