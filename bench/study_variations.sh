@@ -6,8 +6,9 @@
 #              proportional (a micro-batch of 64 samples drawn with p_t ~ n_t), 96 steps
 #   conflict   configs/study_conflict.yaml: sentiment and the same texts with shuffled labels (bench/conflict_pair.py)
 # Each variation is its own resumable `ortho-lora compare` under runs/variations/<name> (finished runs are skipped,
-# run it again after an interruption). A seed of capacity or imbalance costs about as much as one of the
-# convergence study (~35 min on 2 cores), one of conflict about half. VARIATIONS=capacity,imbalance,conflict.
+# run it again after an interruption). Measured 2026-12-03 on 2 cores: capacity 56 min and imbalance about an hour
+# for 3 seeds, conflict 22 min. VARIATIONS=capacity,imbalance,conflict. Archive the records for the repository
+# with `python bench/archive_runs.py runs/variations/NAME bench/results/variations/NAME`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
