@@ -6,7 +6,7 @@
 #              proportional (a micro-batch of 64 samples drawn with p_t ~ n_t), 96 steps
 #   conflict   configs/study_conflict.yaml: sentiment and the same texts with shuffled labels (bench/conflict_pair.py)
 # Each variation is its own resumable `ortho-lora compare` under runs/variations/<name> (finished runs are skipped,
-# run it again after an interruption). Measured 2026-12-03 on 2 cores: capacity 56 min and imbalance about an hour
+# run it again after an interruption). Measured 2026-12-03 on 2 cores: capacity 56 min and imbalance 56 min
 # for 3 seeds, conflict 22 min. VARIATIONS=capacity,imbalance,conflict. Archive the records for the repository
 # with `python bench/archive_runs.py runs/variations/NAME bench/results/variations/NAME`.
 set -euo pipefail

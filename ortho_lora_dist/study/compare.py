@@ -35,6 +35,7 @@ from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.study.compare_plot import plot
 from ortho_lora_dist.study.compare_table import to_markdown
 from ortho_lora_dist.study.geometry import mean_geometry, run_geometry
+from ortho_lora_dist.study.time_to_accuracy import mean as _mean
 from ortho_lora_dist.study.time_to_accuracy import median, time_to_target, validation_curve
 
 FIXED = {
@@ -90,11 +91,6 @@ def _variant(cfg: Config, method: str, seed: int, out: Path, task: int | None = 
             t["loss_weight"] = w
     tree["output_dir"] = str(out)
     return Config.model_validate(tree)
-
-
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 class UnknownTask(ValueError):

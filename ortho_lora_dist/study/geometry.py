@@ -5,15 +5,11 @@ averaged over the logged steps of a metrics.jsonl, then over seeds."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from ortho_lora_dist.study.time_to_accuracy import mean as _mean
+
 COSINES = ("all", "A", "B")
-
-
-def _mean(xs: Sequence[float | None]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def run_geometry(steps: Sequence[dict], names: Sequence[str]) -> dict | None:

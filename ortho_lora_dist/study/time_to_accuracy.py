@@ -31,6 +31,12 @@ def first_reach(curve: Curve, target: float) -> int | None:
     return next((s for s, v in curve if v >= target), None)
 
 
+def mean(xs: Sequence[float | None]) -> float:
+    """The mean of the finite values (None and NaN skipped); NaN when there are none."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def median(xs: Sequence[float]) -> float:
     xs = sorted(x for x in xs if x is not None and math.isfinite(x))
     if not xs:
