@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q install --no-deps)
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q install -c constraints.txt --no-deps)
 case "${1:-}" in
   encoder)
     bash scripts/setup.sh demo   # the demo extra: pandas, which prepare-demo reads the corpora with

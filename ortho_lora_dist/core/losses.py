@@ -27,3 +27,15 @@ def task_sum(
     total = torch.zeros(num_tasks, dtype=values.dtype, device=values.device).index_add(0, task_ids, values * w)
     count = torch.zeros(num_tasks, dtype=values.dtype, device=values.device).index_add(0, task_ids, w)
     return total, count
+
+
+def step_mean_part(sums: torch.Tensor, step_counts: torch.Tensor, world: int) -> torch.Tensor:
+    """world * s_t / n_t [T]: this rank's micro-batch part of the step's per-task mean L_t = sum_all / n_t.
+
+    ``sums`` [T]: this rank's per-task loss sums over one micro-batch; ``step_counts`` [T]: the number of task t's
+    labelled units (answer tokens, samples) in the WHOLE optimizer step, every micro-batch of every rank (all-reduced).
+    Averaged over ranks (the reduction's mean) and summed over micro-batches these parts give L_t exactly, whatever
+    the split into ranks and micro-batches: no mean of per-rank or per-micro-batch means (their weighting differs
+    as soon as answers differ in length or a task's sample count differs between micro-batches)."""
+    counts = step_counts.to(sums.device, sums.dtype)
+    return world * sums / counts.clamp_min(1)

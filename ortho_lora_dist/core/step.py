@@ -141,14 +141,21 @@ class OrthoLoRA:
         task_losses: torch.Tensor,
         loss_weights: torch.Tensor | Sequence[float] | None = None,
         backward_fn: Callable[[torch.Tensor], None] | None = None,
+        share: torch.Tensor | None = None,
     ) -> None:
-        """Accumulate per-task gradients of w_t * L_t (task_losses: [T]) into the buffer; heads get .grad."""
+        """Accumulate per-task gradients of w_t * L_t (task_losses: [T]) into the buffer; heads get .grad.
+
+        ``share`` [T] (optional): this micro-batch's fraction of the step's labelled units per task, when
+        ``task_losses`` are its parts of the step's mean (core/losses.py step_mean_part; they sum to the step's loss
+        over micro-batches). Only a loss-only rule reads it: its coefficients come from the micro-batch's own mean
+        loss (part / share). Without it, each micro-batch's losses are its own means."""
         if task_losses.shape != (self.num_tasks,):
             raise ValueError(f"task_losses must have shape [{self.num_tasks}], got {tuple(task_losses.shape)}")
         w = torch.ones(self.num_tasks) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         weighted = task_losses * w.to(task_losses.device, task_losses.dtype)
         if self.loss_only:  # one gradient: of sum_t a_t w_t L_t, a from the global (rank-mean) losses
-            weighted = (weighted * self._loss_coefficients(task_losses).to(weighted.device, weighted.dtype)).sum()[None]
+            a = self._loss_coefficients(task_losses, share)
+            weighted = (weighted * a.to(weighted.device, weighted.dtype)).sum()[None]
         if self.mode == "one_backward":
             (backward_fn or torch.Tensor.backward)(weighted.sum())
             return
@@ -166,20 +173,24 @@ class OrthoLoRA:
                 p.grad = g.clone() if p.grad is None else p.grad + g
                 offset += p.numel()
 
-    def _loss_coefficients(self, task_losses: torch.Tensor) -> torch.Tensor:
-        """The loss-only rule's a_t for this micro-batch, from the losses averaged over ranks (the same everywhere)."""
-        losses = task_losses.detach().float().clone()
-        self.comm.mean_([losses], what="all_reduce_losses")
-        losses = losses.double().cpu()
-        a = self.combiner.balancer.coefficients(losses)
-        self._step_losses += losses
+    def _loss_coefficients(self, task_losses: torch.Tensor, share: torch.Tensor | None) -> torch.Tensor:
+        """The loss-only rule's a_t for this micro-batch, from its losses averaged over ranks (the same everywhere)."""
+        parts = task_losses.detach().float().clone()
+        self.comm.mean_([parts], what="all_reduce_losses")
+        parts = parts.double().cpu()
+        share = torch.ones_like(parts) if share is None else torch.as_tensor(share).double().cpu()
+        means = torch.where(share > 0, parts / share.clamp_min(torch.finfo(torch.float64).tiny), parts)
+        a = self.combiner.balancer.coefficients(means)
+        self._step_losses += means * share
+        self._step_share += share
         self._step_coefficients += a
         self._micro_batches += 1
         return a
 
     def _reset_step_losses(self) -> None:
-        """Sums over this step's micro-batches of a loss-only rule's global losses and coefficients."""
+        """This step's global losses (weighted by each micro-batch's share) and coefficients, for a loss-only rule."""
         self._step_losses = torch.zeros(self.num_tasks, dtype=torch.float64)
+        self._step_share = torch.zeros(self.num_tasks, dtype=torch.float64)
         self._step_coefficients = torch.zeros(self.num_tasks, dtype=torch.float64)
         self._micro_batches = 0
 
@@ -199,7 +210,7 @@ class OrthoLoRA:
         coefficients = None
         if self.loss_only and self._micro_batches:
             coefficients = self._step_coefficients / self._micro_batches
-            self.combiner.balancer.end_step(self._step_losses / self._micro_batches)
+            self.combiner.balancer.end_step(self._step_losses / self._step_share.clamp_min(1e-300))
             self._reset_step_losses()
         return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine, coefficients)
 

@@ -40,6 +40,7 @@ from ortho_lora_dist.core.capture import find_lora_factors
 from ortho_lora_dist.core.comm import DistComm
 from ortho_lora_dist.core.diagnostics import leverage
 from ortho_lora_dist.core.engines.deepspeed_engine import surrogate_loss
+from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import OrthoLoRA
 from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
 from ortho_lora_dist.integrations.tasks import TaskCollator, task_index
@@ -182,8 +183,7 @@ class MultiTaskMixin:
             loss, keep = labelled_token_losses(self.model, labels, **inputs)
         tasks = _token_tasks(task_ids, keep)
         sums = torch.zeros(T, dtype=loss.dtype, device=loss.device).index_add(0, tasks, loss)
-        counts = self._step_counts.to(loss.device, loss.dtype)
-        losses = _world() * sums / counts.clamp_min(1)  # the mean over ranks (comm) of these: sum_all / n_t
+        losses = step_mean_part(sums, self._step_counts, _world())  # mean over ranks (comm): sum_all / n_t
         self.olr.backward(losses)
         self._step_loss_sums += sums.detach().double().cpu()
         self._micro_left -= 1

@@ -3,7 +3,8 @@
   encoder-classification  models/encoder.py: AutoModel + one head per task (classes or a score)
   causal-lm               models/causal_lm.py: AutoModelForCausalLM, prompt -> answer, loss on the answer tokens
 Both expose ``task_losses(batch) -> [T]`` (per-task mean loss), ``task_loss_sums(batch, keep) -> ([T], [T])``
-(loss sums and weights, for exact evaluation across batches and ranks) and ``predict(batch)``.
+(loss sums and weights, for exact evaluation across batches and ranks), ``task_counts(batch) -> [T]`` (labelled
+units per task without a forward: a step's loss denominators) and ``predict(batch)``.
 """
 
 from __future__ import annotations

@@ -150,6 +150,15 @@ class CausalLMMultiTask(nn.Module):
         loss, _, tasks = self._token_losses(batch)
         return task_mean(loss, tasks, len(self.tasks))
 
+    def task_counts(self, batch: dict) -> torch.Tensor:
+        """Labelled (answer) tokens per task of ``batch``: [T] (no forward; the loss's denominators)."""
+        keep = batch["labels"][:, 1:] != -100
+        if "token_task_ids" in batch:
+            tasks = batch["token_task_ids"][:, 1:][keep]
+        else:
+            tasks = batch["task_ids"][:, None].expand_as(keep)[keep]
+        return torch.bincount(tasks.reshape(-1).cpu(), minlength=len(self.tasks)).double()
+
     def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` [B] (default all; padded rows
         only): token-weighted."""

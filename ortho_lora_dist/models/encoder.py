@@ -99,6 +99,10 @@ class EncoderMultiTask(nn.Module):
     def task_losses(self, batch: dict) -> torch.Tensor:
         return task_mean(self._sample_losses(batch), batch["task_ids"], len(self.heads))
 
+    def task_counts(self, batch: dict) -> torch.Tensor:
+        """Samples per task of ``batch``: [T] (no forward; the loss's denominators)."""
+        return torch.bincount(batch["task_ids"].reshape(-1).cpu(), minlength=len(self.heads)).double()
+
     def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sums [T], sample counts [T]) over the samples with ``keep`` (default all): mean over samples."""
         per = self._sample_losses(batch)

@@ -140,20 +140,28 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+# (logger, text) of the messages bitsandbytes' import logs about its optional CPU 4-bit kernel (see library_noise)
+_BNB_KERNEL_MESSAGES = (
+    ("bitsandbytes.backends.cpu.ops", "gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
+
+
 @contextlib.contextmanager
 def library_noise(quantized: bool):
     """Silence, precisely, two messages our own calls trigger on every run and that ask nothing of the user.
 
     * ``import peft`` imports bitsandbytes (peft/helpers.py) even when nothing is quantized; on CPUs with
-      AVX512-BF16 that import logs that bitsandbytes' optional CPU 4-bit kernel could not be fetched. Dropped
-      (that message only) when ``quantized`` is False; a quantized run still sees it.
+      AVX512-BF16 that import logs that bitsandbytes' optional CPU 4-bit kernel could not be fetched, and (with
+      the ``kernels`` package that transformers >= 5.25 requires) that the kernel's publisher was not checked
+      offline. Both dropped (those messages only) when ``quantized`` is False; a quantized run still sees them.
     * PEFT's PeftModel reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning, PEFT's
       code, not ours): that one warning is ignored inside this block.
     """
-    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    drop = _DropMessage("gemm_4bit_forward from kernels-community")
+    dropped = [(logging.getLogger(name), _DropMessage(text)) for name, text in _BNB_KERNEL_MESSAGES]
     if not quantized:
-        bnb_logger.addFilter(drop)
+        for logger, drop in dropped:
+            logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -161,7 +169,8 @@ def library_noise(quantized: bool):
             )
             yield
     finally:
-        bnb_logger.removeFilter(drop)
+        for logger, drop in dropped:
+            logger.removeFilter(drop)
 
 
 def attach_lora(base: nn.Module, cfg: Config, adapter_dir: str | Path | None) -> nn.Module:

@@ -22,6 +22,7 @@ from ortho_lora_dist.artifacts.card import write_model_card
 from ortho_lora_dist.artifacts.plots import plot_run
 from ortho_lora_dist.artifacts.write import save_adapter
 from ortho_lora_dist.config import Config, eval_batch_size
+from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
@@ -160,18 +161,28 @@ class Trainer:
         return self.finalize()
 
     def train_step(self) -> tuple[StepResult, torch.Tensor]:
-        """One optimizer step; returns the step's result and this rank's per-task losses (mean over micro-batches)."""
-        accum = self.cfg.train.gradient_accumulation
+        """One optimizer step; returns the step's result and this rank's part of the per-task losses.
+
+        Every task's loss is the mean over ITS labelled units (answer tokens, samples) of the whole step, all
+        micro-batches of all ranks: the micro-batches are drawn first, their counts all-reduced once, and each
+        micro-batch backpropagates its part world * s_t / n_t (core/losses.py), so N ranks x b == 1 process x Nb and
+        accumulation k x b == 1 x kb, whatever the answers' lengths."""
         collate = self.model.collate_packed if self.cfg.train.packing else self.model.collate
-        losses = torch.zeros(len(self.tasks))
-        for _ in range(accum):
+        batches = []
+        for _ in range(self.cfg.train.gradient_accumulation):
             picks = self.sampler.next()
             records = [self.tasks[t].splits["train"][i] for t, i in picks]
-            batch = to_device(collate(records, [t for t, _ in picks]), self.info.device)
+            batches.append(to_device(collate(records, [t for t, _ in picks]), self.info.device))
+        counts = dist.sum_over_ranks(self.info, torch.stack([self.model.task_counts(b) for b in batches]))
+        step_counts = counts.sum(0)  # [T] labelled units of the whole step
+        losses = torch.zeros(len(self.tasks))
+        for batch, micro_counts in zip(batches, counts):
             self.olr.set_tasks(batch.get("token_task_ids", batch["task_ids"]))  # per token when packed
-            task_losses = self.model.task_losses(batch)
-            losses += task_losses.detach().float().cpu() / accum
-            self.olr.backward(task_losses / accum, self.loss_weights)
+            sums, _ = self.model.task_loss_sums(batch)
+            parts = step_mean_part(sums, step_counts, self.info.world)
+            losses += parts.detach().float().cpu()
+            share = micro_counts / step_counts.clamp_min(1)
+            self.olr.backward(parts, self.loss_weights, share=share)
         result = self.olr.project()
         self.engine.apply(result)
         return result, losses

@@ -21,6 +21,7 @@ NOISE = (
     "FutureWarning",
     "gemm_4bit_forward",
     "kernels-community",  # bitsandbytes, imported by peft, with nothing quantized
+    "publisher trust check",  # the same import through `kernels` (transformers >= 5.25 requires it)
     "Loading weights",  # weight-loading bars (ORTHO_LORA_VERBOSE shows them)
     "\r",  # a progress bar redrawn in a log file
 )
@@ -63,3 +64,23 @@ def test_bitsandbytes_kernel_message_dropped_only_without_quantization(caplog):
         logger.warning(message)
     seen = [r.getMessage() for r in caplog.records]
     assert seen == ["another bitsandbytes warning", message, message]
+
+
+def test_kernels_trust_message_dropped_only_without_quantization(caplog):
+    """transformers >= 5.25 brings `kernels`; bitsandbytes' import then logs that the kernel's publisher was not
+    checked offline: dropped with nothing quantized, kept otherwise; other `kernels` warnings always kept."""
+    from ortho_lora_dist.models.loading import library_noise
+
+    logger = logging.getLogger("kernels._internals.hf_hub")
+    message = (
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+        "Hub is in offline mode."
+    )
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        with library_noise(quantized=False):
+            logger.warning(message)
+            logger.warning("Skipping publisher trust check for 'someone/else'")
+        with library_noise(quantized=True):
+            logger.warning(message)
+    seen = [r.getMessage() for r in caplog.records]
+    assert seen == ["Skipping publisher trust check for 'someone/else'", message]
