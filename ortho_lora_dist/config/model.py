@@ -18,6 +18,12 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     pooling: Literal["mean", "cls"] = "mean"
     max_length: int = Field(128, gt=0)
+    truncation: Literal["drop", "truncate", "error"] = Field(
+        "drop",
+        description="causal-lm: a training sample longer than max_length is left out (drop), cut to the prompt's end "
+        "and the answer's head (truncate), or refused at load (error); counted per task and logged once "
+        "(data/lengths.py)",
+    )
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="causal-lm: transformers' attention implementation (default: transformers' choice, sdpa)"

@@ -10,6 +10,22 @@ from ortho_lora_dist.config.model import LoraConfigModel, ModelConfig
 from ortho_lora_dist.config.task import TaskConfig
 from ortho_lora_dist.config.train import DistributedConfig, TrainConfig
 
+# Defaults that depend on model.kind, for the keys a config leaves unset (the run's config.yaml holds them resolved).
+# A causal LM's instruction samples are long (128 tokens would cut most prompts), its LoRA usually spans every linear
+# layer (QLoRA's choice), and a 7B step holds far fewer samples than an encoder's; dtype: bf16 where the GPU has it.
+CAUSAL_LM_DEFAULTS = {
+    ("model", "max_length"): 1024,
+    ("model", "dtype"): lambda: "bfloat16" if _cuda_bf16() else "float32",
+    ("lora", "target_modules"): "all-linear",
+    ("train", "per_task_batch_size"): 4,
+}
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
 
 class Config(Strict):
     model: ModelConfig
@@ -29,6 +45,16 @@ class Config(Strict):
         if dup:
             raise ValueError(f"duplicate task names: {', '.join(dup)}")
         return tasks
+
+    @model_validator(mode="after")
+    def _kind_defaults(self) -> Config:
+        """Fill CAUSAL_LM_DEFAULTS into the keys a causal-LM config leaves unset."""
+        if self.model.kind == "causal-lm":
+            for (section, key), value in CAUSAL_LM_DEFAULTS.items():
+                part = getattr(self, section)
+                if key not in part.model_fields_set:
+                    setattr(part, key, value() if callable(value) else value)
+        return self
 
     @model_validator(mode="after")
     def _tasks_fit_the_model(self) -> Config:

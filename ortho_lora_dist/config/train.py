@@ -12,7 +12,9 @@ from ortho_lora_dist.config.base import Strict
 
 class TrainConfig(Strict):
     strategy: str = Field(
-        "ortho", description="ortho | joint | norm_balance | a TorchJD weighting (see docs/design.md)"
+        "joint",
+        description="joint (default: no rule has beaten it distinguishably on the data we measured, docs/methods.md) "
+        "| ortho (the paper's) | norm_balance | famo | initial_loss | a TorchJD weighting (see docs/design.md)",
     )
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
     granularity: Literal["factor", "module", "global"] = "factor"

@@ -6,7 +6,10 @@ exactly by task:  grad_W[t] = sum over tokens of samples in task t of delta^T u.
 and delta carries the LoRA scaling s; for lora_A, u = dropout(x) and delta = B^T (s * dL/dh). So the
 paper's per-task gradients come out of one backward plus T small matmuls per factor. The sum is over
 tokens, so it splits the same way when a row holds several samples of several tasks (packed sequences,
-attention kept inside each sample): ``set_tasks`` then takes the task of every token, [batch, seq].
+attention kept inside each sample): ``set_tasks`` then takes the task of every token, [batch, seq]. A layer that
+sees only GATHERED positions (a causal LM's ``lm_head`` run on the N labelled positions, models/lm_head.py) gets
+[N, features] inputs: ``set_tasks(..., gathered=[N])`` gives the task of each of those rows, and every 2-D factor
+input of exactly N rows is read as them.
 
 Each PEFT ``lora_A[adapter]`` / ``lora_B[adapter]`` nn.Linear gets its class swapped to
 ``_TaskLinear`` (same parameters, same state dict): its forward saves its input as autograd does,
@@ -72,6 +75,7 @@ class CaptureState:
         self.shape: tuple[int, ...] = ()  # of task_ids: (batch,) per sample, (batch, seq) per token
         self.tokens = False  # per-token task ids: the factors' inputs are [batch, seq, features]
         self.groups: Groups = []
+        self.gathered: tuple[int, Groups] | None = None  # (N, groups) of the gathered rows, if declared
         self._anchors: dict[torch.device, torch.Tensor] = {}
 
     def anchor(self, device: torch.device) -> torch.Tensor:
@@ -81,9 +85,10 @@ class CaptureState:
             a = self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
         return a
 
-    def set_tasks(self, task_ids: torch.Tensor) -> None:
+    def set_tasks(self, task_ids: torch.Tensor, gathered: torch.Tensor | None = None) -> None:
         """Declare the task of every sample (``task_ids`` [batch]) or of every token (``task_ids`` [batch, seq], -1:
-        padding, in no task: packed rows) of the next forward/backward."""
+        padding, in no task: packed rows) of the next forward/backward; ``gathered`` [N]: the task of each row of a
+        gathered [N, features] input (the labelled positions that lm_head alone sees)."""
         task_ids = torch.as_tensor(task_ids).long()
         if task_ids.dim() > 2 or task_ids.numel() == 0:
             shape = tuple(task_ids.shape)
@@ -98,6 +103,12 @@ class CaptureState:
             pad = " (or -1 for a padding token)" if self.tokens else ""
             raise ValueError(f"task ids must lie in [0, {self.num_tasks - 1}]{pad}, got range [{lo}, {hi}]")
         self.groups = _task_groups(flat, self.num_tasks)
+        self.gathered = None
+        if gathered is not None:
+            rows = torch.as_tensor(gathered).long().reshape(-1).to(flat.device)
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_tasks):
+                raise ValueError(f"gathered task ids must lie in [0, {self.num_tasks - 1}]")
+            self.gathered = (rows.numel(), _task_groups(rows, self.num_tasks) if rows.numel() else [])
         self.grads.start_micro_batch()
         self.task_ids, self.shape = task_ids, tuple(task_ids.shape)
         self.batch = self.shape[0]
@@ -106,6 +117,11 @@ class CaptureState:
 def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> RuntimeError:
     if state.task_ids is None:
         return RuntimeError("call set_tasks(task_ids) before the forward pass of a captured model")
+    if x.dim() == 2 and state.gathered is None and "lm_head" in module._olr_name:
+        return RuntimeError(
+            f"LoRA factor {module._olr_name} got the {x.shape[0]} gathered labelled positions of the batch: pass "
+            "their tasks as set_tasks(task_ids, gathered=...) (ortho-lora train and MultiTaskTrainer do)"
+        )
     if state.tokens:
         return RuntimeError(
             f"LoRA factor {module._olr_name} got input of shape {tuple(x.shape)}, but the per-token task ids are "
@@ -117,10 +133,13 @@ def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> Run
     )
 
 
-def _fits(x: torch.Tensor, state: CaptureState) -> bool:
+def _route(x: torch.Tensor, state: CaptureState) -> tuple[Groups, bool] | None:
+    """(groups, per-token rows) of a factor's input ``x``, or None when its shape matches no declared split."""
+    if state.gathered is not None and x.dim() == 2 and x.shape[0] == state.gathered[0]:
+        return state.gathered[1], False  # lm_head on the labelled positions: one row per declared position
     if state.tokens:
-        return x.dim() == 3 and tuple(x.shape[:2]) == state.shape
-    return x.dim() >= 2 and x.shape[0] == state.batch
+        return (state.groups, True) if x.dim() == 3 and tuple(x.shape[:2]) == state.shape else None
+    return (state.groups, False) if x.dim() >= 2 and x.shape[0] == state.batch else None
 
 
 def _accumulate(slot: torch.Tensor, g: torch.Tensor, u: torch.Tensor, groups: Groups, tokens: bool) -> None:
@@ -153,7 +172,8 @@ class _TaskLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: _TaskLinear) -> torch.Tensor:
         state = module._olr_state
-        if not _fits(x, state):
+        route = _route(x, state)
+        if route is None:
             raise _bad_input(module, x, state)
         ctx.x_dtype = x.dtype
         dev = x.device.type
@@ -162,7 +182,8 @@ class _TaskLinearFn(torch.autograd.Function):
             x = x.to(dtype)
         if weight.dtype != dtype:
             weight = weight.to(dtype)
-        ctx.grads, ctx.index, ctx.groups, ctx.tokens = state.grads, module._olr_index, state.groups, state.tokens
+        ctx.grads, ctx.index = state.grads, module._olr_index
+        ctx.groups, ctx.tokens = route
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight)
 
@@ -200,10 +221,24 @@ def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def _check_forward_lora(name: str, layer: nn.Module) -> None:
+    """Refuse a LoRA layer whose factors never run a forward of their own: PEFT's ParamWrapper (target_parameters,
+    and what ``all-linear`` makes of transformers 5's fused MoE experts and routers) adds B A to the WEIGHT, so the
+    capture would see no input and the factors would silently get a zero gradient."""
+    if type(layer).__name__ == "ParamWrapper":
+        raise ValueError(
+            f"LoRA layer {name!r} adapts a parameter (PEFT ParamWrapper: target_parameters, or a fused MoE expert / "
+            "router weight that target_modules 'all-linear' reaches); its LoRA enters the weight, not a forward of "
+            "lora_A / lora_B, so per-task gradients cannot be captured and it would silently never train. Name the "
+            "linear layers instead, e.g. lora.target_modules: [q_proj, k_proj, v_proj, o_proj] on Mixtral / Qwen-MoE"
+        )
+
+
 def find_lora_factors(model: nn.Module) -> list[tuple[str, str, nn.Linear]]:
     """(layer_name, 'A'|'B', linear) for every trainable LoRA factor, refusing what capture can't do exactly."""
     found: list[tuple[str, str, nn.Linear]] = []
     for name, layer in _peft_lora_layers(model):
+        _check_forward_lora(name, layer)
         for adapter in layer.active_adapters:
             if adapter not in layer.lora_A:
                 if adapter in getattr(layer, "lora_embedding_A", {}):
@@ -260,8 +295,8 @@ class TaskGradCapture:
     def num_tasks(self) -> int:
         return self.state.num_tasks
 
-    def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
-        self.state.set_tasks(torch.as_tensor(task_ids))
+    def set_tasks(self, task_ids: torch.Tensor | Sequence[int], gathered: torch.Tensor | None = None) -> None:
+        self.state.set_tasks(torch.as_tensor(task_ids), gathered)
 
     def install(self) -> None:
         for i, f in enumerate(self.layout.factors):

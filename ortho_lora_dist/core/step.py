@@ -129,12 +129,16 @@ class OrthoLoRA:
         return self.grads.all_local()
 
     # -- capture ---------------------------------------------------------------------------------------
-    def set_tasks(self, task_ids: torch.Tensor | Sequence[int]) -> None:
+    def set_tasks(self, task_ids: torch.Tensor | Sequence[int], gathered: torch.Tensor | None = None) -> None:
         """Declare the task of every sample of the next micro-batch ([batch]: dim 0 of the model inputs), or of
-        every token of packed rows ([batch, seq], -1 for padding)."""
+        every token of packed rows ([batch, seq], -1 for padding); ``gathered`` [N]: the task of each labelled
+        position when a LoRA layer (lm_head) runs on those N positions only."""
         if self.capture is not None:
             ids = torch.as_tensor(task_ids)
-            self.capture.set_tasks(ids.clamp(max=0) if self.loss_only else ids)  # loss-only: one task (pads stay -1)
+            if self.loss_only:  # one task (pads stay -1)
+                ids = ids.clamp(max=0)
+                gathered = None if gathered is None else torch.zeros_like(torch.as_tensor(gathered))
+            self.capture.set_tasks(ids, gathered)
 
     def backward(
         self,

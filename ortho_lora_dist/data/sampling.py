@@ -12,9 +12,9 @@ k_t, is drawn for every micro-batch (multinomial, ``batch * T`` draws with p_t ~
 proportional is temperature 1) from a generator seeded by (seed, micro-batch number), so every rank draws the
 same k and a resumed run draws what the uninterrupted one did. Every rank gets k_t samples of task t (the
 global micro-batch has k_t * world of them, rank r the r-th chunk of the task's next k_t * world indices): the
-task's loss normalises by its global count in the step (training/recipe.py), as in ``equal``. A task with k_t = 0 is absent from the
-micro-batch: its loss is 0 and it adds no gradient there. An epoch is as many samples as all tasks together:
-steps_per_epoch = ceil(sum_t n_t / (batch * T * world * accum)).
+task's loss normalises by its global count in the step (training/recipe.py), as in ``equal``. A task with
+k_t = 0 is absent from the micro-batch: its loss is 0 and it adds no gradient there. An epoch is as many samples
+as all tasks together: steps_per_epoch = ceil(sum_t n_t / (batch * T * world * accum)).
 
 Positions (and the number of micro-batches drawn) are saved in checkpoints for exact resume.
 """

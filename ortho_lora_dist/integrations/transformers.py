@@ -44,7 +44,7 @@ from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import OrthoLoRA
 from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
 from ortho_lora_dist.integrations.tasks import TaskCollator, task_index
-from ortho_lora_dist.models.lm_head import labelled_token_losses
+from ortho_lora_dist.models.lm_head import labelled_tasks, labelled_token_losses
 
 STATE_FILE = "ortho_lora_state.pt"
 TASK_KEY = "ortho_lora_task_ids"  # the collated per-sample task index [B] (per token [1, N] when padding-free)
@@ -154,7 +154,7 @@ class MultiTaskMixin:
         T = len(self.task_names)
         counts = torch.zeros(T, dtype=torch.float64)
         for b in batches:
-            tasks = _token_tasks(b[TASK_KEY], b["labels"][:, 1:] != -100)
+            tasks = labelled_tasks(b["labels"], b[TASK_KEY])
             counts += torch.bincount(tasks.cpu(), minlength=T).double()
         if _world() > 1:
             counts = counts.to(self.args.device)
@@ -176,12 +176,13 @@ class MultiTaskMixin:
         inputs = self._prepare_inputs(inputs)
         task_ids = inputs.pop(TASK_KEY)
         labels = inputs.pop("labels")
-        self.olr.set_tasks(task_ids)
+        labelled = labelled_tasks(labels, task_ids)
+        self.olr.set_tasks(task_ids, labelled)  # a LoRA lm_head sees the labelled positions only: their tasks
         T = len(self.task_names)
         # DDP's own all-reduce never runs: the unwrapped model's forward, our reduction (comm) instead
         with self.compute_loss_context_manager():
-            loss, keep = labelled_token_losses(self.model, labels, **inputs)
-        tasks = _token_tasks(task_ids, keep)
+            loss, _ = labelled_token_losses(self.model, labels, **inputs)
+        tasks = labelled.to(loss.device)
         sums = torch.zeros(T, dtype=loss.dtype, device=loss.device).index_add(0, tasks, loss)
         losses = step_mean_part(sums, self._step_counts, _world())  # mean over ranks (comm): sum_all / n_t
         self.olr.backward(losses)
@@ -274,13 +275,6 @@ class MultiTaskMixin:
             raise ValueError(f"{file}: trained with tasks {state['tasks']}, this trainer has {list(self.task_names)}")
         self.olr.load_state_dict(state["olr"])
         self.olr.order.generator.set_state(state["order_rng"])
-
-
-def _token_tasks(task_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The task of each labelled position (``keep`` [B, S-1]): its row's, or its token's (per-token ids)."""
-    if task_ids.dim() == 2:
-        return task_ids[:, 1:][keep]
-    return task_ids.to(keep.device)[keep.nonzero()[:, 0]]
 
 
 class MultiTaskTrainer(MultiTaskMixin, Trainer):

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from ortho_lora_dist.config import Config
+from ortho_lora_dist.data.lengths import apply_length_policy
 from ortho_lora_dist.data.loading import TaskData
-from ortho_lora_dist.models.causal_lm import CausalLMMultiTask
+from ortho_lora_dist.models.causal_lm import CausalLMMultiTask, check_chat_template
 from ortho_lora_dist.models.encoder import EncoderMultiTask
+from ortho_lora_dist.models.encoding import CausalEncoding
 from ortho_lora_dist.models.loading import DTYPES, load_tokenizer
 from ortho_lora_dist.models.placement import enable_activation_checkpointing, place_model, shard_for_fsdp
 
@@ -37,12 +39,23 @@ def build_model(
     return builders[cfg.model.kind]()
 
 
-def load_run_model(cfg: Config, tasks: list[TaskData], device: torch.device, world: int) -> nn.Module:
+def fit_tasks_to_length(cfg: Config, tasks: list[TaskData], tokenizer, announce: bool) -> None:
+    """causal-lm: model.truncation applied to every task's training split (data/lengths.py), before the model
+    loads; a chat task on a tokenizer without a chat template is refused first. Encoders truncate their text."""
+    if cfg.model.kind != "causal-lm":
+        return
+    check_chat_template(tasks, tokenizer, cfg.model.name_or_path)
+    encoding = CausalEncoding(tokenizer, tasks, cfg.model.max_length)
+    lengths = lambda i, task: encoding.sample_lengths(i, task.splits["train"])
+    apply_length_policy(tasks, lengths, cfg.model.max_length, cfg.model.truncation, announce)
+
+
+def load_run_model(cfg: Config, tasks: list[TaskData], device: torch.device, world: int, tokenizer=None) -> nn.Module:
     """The model as a run uses it: tokenizer, base (FSDP over NF4: 4-bit storage in the model dtype), LoRA, heads,
     on ``device``, activation checkpointing if asked, in train mode, and the base sharded under FSDP2 with N > 1."""
     fsdp = cfg.distributed.engine == "fsdp"
     storage = DTYPES[cfg.model.dtype] if fsdp and cfg.model.quantization == "nf4" else None
-    model = build_model(cfg, tasks, load_tokenizer(cfg.model), storage)
+    model = build_model(cfg, tasks, tokenizer or load_tokenizer(cfg.model), storage)
     place_model(model, cfg.model.quantization, device)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)

@@ -11,12 +11,10 @@ from torch import nn
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.core.losses import task_mean, task_sum
 from ortho_lora_dist.data.loading import DataError, TaskData
-from ortho_lora_dist.data.packing import pack
-from ortho_lora_dist.data.prompts import prompt_ids
+from ortho_lora_dist.models.encoding import CausalEncoding
 from ortho_lora_dist.models.generation import answer, generate
 from ortho_lora_dist.models.lm_head import check_packing, labelled_token_losses
 from ortho_lora_dist.models.loading import DTYPES, attach_lora, from_pretrained, placement, quantization
-from ortho_lora_dist.models.prompts import Prompts
 from ortho_lora_dist.runtime.hub import resolve_model_path
 
 
@@ -62,7 +60,8 @@ class CausalLMMultiTask(nn.Module):
             check_packing(base, cfg.model.name_or_path)
         self.model = attach_lora(base, cfg, adapter_dir)
         self.tasks, self.tokenizer, self.max_length = tasks, tokenizer, cfg.model.max_length
-        self.prompts = Prompts(tokenizer, tasks)
+        self.encoding = CausalEncoding(tokenizer, tasks, cfg.model.max_length)
+        self.prompts = self.encoding.prompts
         for t in tasks:
             if t.config.type == "regression":
                 raise ValueError(f"task {t.name!r}: regression needs model.kind: encoder-classification")
@@ -76,58 +75,16 @@ class CausalLMMultiTask(nn.Module):
     def task_params(self) -> dict[int, list[nn.Parameter]]:
         return {}
 
-    def _tokenize(
-        self,
-        prompts: list[str],
-        answers: list[str],
-        eos: list[bool] | None = None,
-        prompt_loss: list[bool] | None = None,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Per sample: token ids prompt + answer (+ EOS), labels -100 on the prompt unless ``prompt_loss``."""
-        tok, ids, labels = self.tokenizer, [], []
-        eos = eos or [True] * len(prompts)
-        prompt_loss = prompt_loss or [False] * len(prompts)
-        for p, a, e, pl in zip(prompts, answers, eos, prompt_loss):
-            a_ids = tok(a, add_special_tokens=False)["input_ids"] + (
-                [tok.eos_token_id] if e and tok.eos_token_id is not None else []
-            )
-            p_ids = prompt_ids(tok, p, max(1, self.max_length - len(a_ids)), self.max_length)  # cut from the left
-            ids.append(p_ids + a_ids)
-            labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
-        return ids, labels
-
-    def _encode(self, prompts: list[str], answers: list[str], eos=None, prompt_loss=None) -> dict:
-        """Right-padded rows, one sample each: input_ids, attention_mask, labels."""
-        ids, labels = self._tokenize(prompts, answers, eos, prompt_loss)
-        width = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id
-        return {
-            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-        }
-
-    def _training_texts(self, records: list[dict], task_ids: list[int]) -> tuple:
-        P = self.prompts
-        rendered = [P.render(t, r["messages"], True) if P.is_chat(t) else None for t, r in zip(task_ids, records)]
-        prompts = [P.prompt(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
-        targets = [P.target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]  # each prompt rendered once
-        train_on_inputs = [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids]
-        return prompts, [a for a, _ in targets], [e for _, e in targets], train_on_inputs
-
     def collate(self, records: list[dict], task_ids: list[int]) -> dict:
-        """One right-padded row per sample."""
-        enc = self._encode(*self._training_texts(records, task_ids))
-        return {**enc, "task_ids": torch.tensor(task_ids), "records": records}
+        """One right-padded row per sample (models/encoding.py)."""
+        return self.encoding.collate(records, task_ids)
 
     def collate_packed(self, records: list[dict], task_ids: list[int]) -> dict:
-        """The same samples packed into rows of at most model.max_length tokens (flash_attention_2: one row, no
-        padding), attention inside each sample; ``token_task_ids`` [R, W] for the capture (data/packing.py)."""
-        ids, labels = self._tokenize(*self._training_texts(records, task_ids))
-        one_row = self.attn_implementation == "flash_attention_2"
-        capacity = sum(map(len, ids)) if one_row else self.max_length
-        packed = pack(ids, labels, task_ids, capacity, self.tokenizer.pad_token_id)
-        return {**packed, "task_ids": torch.tensor(task_ids), "records": records}
+        """The samples packed into rows of at most model.max_length tokens (models/encoding.py)."""
+        return self.encoding.collate_packed(records, task_ids, self.attn_implementation == "flash_attention_2")
+
+    def _encode(self, prompts: list[str], answers: list[str], eos=None, prompt_loss=None) -> dict:
+        return self.encoding.encode(prompts, answers, eos, prompt_loss)
 
     def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(loss [N], row [N], task [N] or None without task ids) of the N labelled positions, row-major:
@@ -152,12 +109,7 @@ class CausalLMMultiTask(nn.Module):
 
     def task_counts(self, batch: dict) -> torch.Tensor:
         """Labelled (answer) tokens per task of ``batch``: [T] (no forward; the loss's denominators)."""
-        keep = batch["labels"][:, 1:] != -100
-        if "token_task_ids" in batch:
-            tasks = batch["token_task_ids"][:, 1:][keep]
-        else:
-            tasks = batch["task_ids"][:, None].expand_as(keep)[keep]
-        return torch.bincount(tasks.reshape(-1).cpu(), minlength=len(self.tasks)).double()
+        return torch.bincount(batch["labelled_task_ids"].cpu(), minlength=len(self.tasks)).double()
 
     def task_loss_sums(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sums [T], answer-token counts [T]) over the samples with ``keep`` [B] (default all; padded rows

@@ -79,3 +79,12 @@ def labelled_token_losses(
     mask, positions = inputs.pop("attention_mask", None), inputs.pop("position_ids", None)
     logits = labelled_logits(model, input_ids, mask, pick, positions, **inputs)
     return F.cross_entropy(logits.float(), target[keep], reduction="none"), keep
+
+
+def labelled_tasks(labels: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """The task of each labelled position (next label != -100), row-major: [N], the order in which lm_head sees
+    them (labelled_logits). ``task_ids``: per row [B], or per token [B, S] for packed rows."""
+    keep = labels[:, 1:] != -100
+    if task_ids.dim() == 2:
+        return task_ids.to(keep.device)[:, 1:][keep]
+    return task_ids.to(keep.device)[:, None].expand_as(keep)[keep]

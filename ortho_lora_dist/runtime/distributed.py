@@ -36,6 +36,11 @@ class DistInfo:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher (torchrun, deepspeed, srun + torchrun) set it, before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(backend: str = "auto", deepspeed: bool = False) -> DistInfo:
     """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on GPU unless ``backend``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ortho_lora_dist.config import Config
+from ortho_lora_dist.config import Config, ConfigError
 from ortho_lora_dist.core.engines.base import Engine, TorchEngine, broadcast_trainable_
 from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
 from ortho_lora_dist.core.step import OrthoLoRA
@@ -21,6 +21,14 @@ def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo) -> OrthoLoRA
     if tc.strategy == "norm_balance" and "pref_vector" not in options:  # loss weights = target norm shares
         # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)
         options["pref_vector"] = [t.loss_weight if t.loss_weight > 0 else 1.0 for t in cfg.tasks]
+    try:
+        return _ortho_lora(cfg, model, info, reduce, options)
+    except ValueError as e:  # what the capture or the strategy refuses is the config's doing: one line, exit 2
+        raise ConfigError(str(e)) from None
+
+
+def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, options: dict) -> OrthoLoRA:
+    tc = cfg.train
     return OrthoLoRA(
         model,
         len(cfg.tasks),

@@ -28,7 +28,8 @@ from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
 from ortho_lora_dist.evaluation.report import eval_report, print_table
-from ortho_lora_dist.models.build import load_run_model
+from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
+from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import distributed as dist
 from ortho_lora_dist.runtime import run_files as rf
@@ -64,10 +65,12 @@ class Trainer:
         self.run.check_path()  # before anything heavy loads
         self.tasks = load_tasks(cfg.tasks)  # every data error surfaces here, before any process group or model
         self.names = [t.name for t in self.tasks]
+        tokenizer = load_tokenizer(cfg.model)
+        fit_tasks_to_length(cfg, self.tasks, tokenizer, announce=dist.launched_rank() == 0)  # model.truncation
         self.info = dist.init_distributed(cfg.distributed.backend, deepspeed=cfg.distributed.engine == "deepspeed")
         self.run.claim_everywhere(self.info, resume)
         torch.manual_seed(tc.seed)
-        self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world)
+        self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world, tokenizer)
         self.olr = build_ortho_lora(cfg, self.model, self.info)
         sizes = [len(t.splits["train"]) for t in self.tasks]
         self.sampler = MultiTaskSampler(
@@ -177,7 +180,8 @@ class Trainer:
         step_counts = counts.sum(0)  # [T] labelled units of the whole step
         losses = torch.zeros(len(self.tasks))
         for batch, micro_counts in zip(batches, counts):
-            self.olr.set_tasks(batch.get("token_task_ids", batch["task_ids"]))  # per token when packed
+            # per token when packed; a LoRA lm_head sees the labelled positions only: their tasks
+            self.olr.set_tasks(batch.get("token_task_ids", batch["task_ids"]), batch.get("labelled_task_ids"))
             sums, _ = self.model.task_loss_sums(batch)
             parts = step_mean_part(sums, step_counts, self.info.world)
             losses += parts.detach().float().cpu()

@@ -1,0 +1,102 @@
+"""A causal LM's samples as token ids: prompt + answer (+ EOS), labels on the answer, every row within max_length.
+
+Needs only the tokenizer, so the length policy (data/lengths.py) runs on it before the model loads. Padded rows
+(``collate``) and packed rows (``collate_packed``) come from the same ids, and both carry ``labelled_task_ids``
+[N], the task of each labelled position in the order in which lm_head sees them (models/lm_head.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ortho_lora_dist.data.lengths import fit
+from ortho_lora_dist.data.loading import TaskData
+from ortho_lora_dist.data.packing import pack
+from ortho_lora_dist.data.prompts import prompt_ids
+from ortho_lora_dist.models.lm_head import labelled_tasks
+from ortho_lora_dist.models.prompts import Prompts
+
+LENGTH_CHUNK = 512  # records tokenised at a time when measuring a split
+
+
+class CausalEncoding:
+    """Tokenises the records of ``tasks`` for ``tokenizer`` into rows of at most ``max_length`` tokens."""
+
+    def __init__(self, tokenizer, tasks: list[TaskData], max_length: int) -> None:
+        self.tokenizer, self.tasks, self.max_length = tokenizer, tasks, max_length
+        self.prompts = Prompts(tokenizer, tasks)
+
+    def texts(self, records: list[dict], task_ids: list[int]) -> tuple:
+        """(prompts, answers, EOS flags, train-on-inputs flags) of training records; each chat prompt rendered once."""
+        P = self.prompts
+        rendered = [P.render(t, r["messages"], True) if P.is_chat(t) else None for t, r in zip(task_ids, records)]
+        prompts = [P.prompt(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
+        targets = [P.target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
+        train_on_inputs = [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids]
+        return prompts, [a for a, _ in targets], [e for _, e in targets], train_on_inputs
+
+    def token_ids(
+        self, prompts: list[str], answers: list[str], eos: list[bool] | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole prompt ids (special tokens added; very long texts bounded in characters) and answer ids (+ EOS)."""
+        tok = self.tokenizer
+        eos = eos or [True] * len(prompts)
+        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        p_ids = [prompt_ids(tok, p, 2 * self.max_length, self.max_length) for p in prompts]
+        a_ids = [tok(a, add_special_tokens=False)["input_ids"] + (end if e else []) for a, e in zip(answers, eos)]
+        return p_ids, a_ids
+
+    def tokenize(
+        self,
+        prompts: list[str],
+        answers: list[str],
+        eos: list[bool] | None = None,
+        prompt_loss: list[bool] | None = None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sample: ids prompt + answer (+ EOS) cut to max_length (data/lengths.py ``fit``: the prompt's end, the
+        answer's head), labels -100 on the prompt unless ``prompt_loss``."""
+        ids, labels = [], []
+        prompt_loss = prompt_loss or [False] * len(prompts)
+        for p_ids, a_ids, pl in zip(*self.token_ids(prompts, answers, eos), prompt_loss):
+            keep_p, keep_a = fit(len(p_ids), len(a_ids), self.max_length)
+            p_ids, a_ids = p_ids[len(p_ids) - keep_p :], a_ids[:keep_a]
+            ids.append(p_ids + a_ids)
+            labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
+        return ids, labels
+
+    def encode(self, prompts: list[str], answers: list[str], eos=None, prompt_loss=None) -> dict:
+        """Right-padded rows, one sample each: input_ids, attention_mask, labels."""
+        ids, labels = self.tokenize(prompts, answers, eos, prompt_loss)
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+        }
+
+    def collate(self, records: list[dict], task_ids: list[int]) -> dict:
+        """One right-padded row per sample; ``labelled_task_ids`` [N]: the task of each labelled position."""
+        enc = self.encode(*self.texts(records, task_ids))
+        tasks = torch.tensor(task_ids)
+        labelled = labelled_tasks(enc["labels"], tasks)
+        return {**enc, "task_ids": tasks, "records": records, "labelled_task_ids": labelled}
+
+    def collate_packed(self, records: list[dict], task_ids: list[int], one_row: bool = False) -> dict:
+        """The same samples packed into rows of at most max_length tokens (``one_row``, for flash_attention_2: one
+        row, no padding), attention inside each sample; ``token_task_ids`` [R, W] for the capture (data/packing.py)."""
+        ids, labels = self.tokenize(*self.texts(records, task_ids))
+        capacity = sum(map(len, ids)) if one_row else self.max_length
+        packed = pack(ids, labels, task_ids, capacity, self.tokenizer.pad_token_id)
+        tasks = labelled_tasks(packed["labels"], packed["token_task_ids"])
+        return {**packed, "task_ids": torch.tensor(task_ids), "records": records, "labelled_task_ids": tasks}
+
+    def sample_lengths(self, task: int, records) -> list[int]:
+        """Token length (prompt + answer + EOS, before any cut) of every record of ``task``."""
+        out: list[int] = []
+        for lo in range(0, len(records), LENGTH_CHUNK):
+            chunk = list(records[lo : lo + LENGTH_CHUNK])
+            prompts, answers, eos, _ = self.texts(chunk, [task] * len(chunk))
+            p_ids, a_ids = self.token_ids(prompts, answers, eos)
+            out += [len(p) + len(a) for p, a in zip(p_ids, a_ids)]
+        return out
