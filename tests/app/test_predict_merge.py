@@ -104,7 +104,7 @@ def test_adapter_dir_describes_itself(runs):
     for text in (
         "sentiment",
         "topic",
-        "train.strategy: ortho",
+        "train.strategy: joint",
         "train.granularity: factor",
         "lora target_modules",
         "ortho-lora predict",

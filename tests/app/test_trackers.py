@@ -36,7 +36,7 @@ def test_wandb_mlflow_tensorboard_and_resume(env, tmp_path, monkeypatch):  # noq
     client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(ids["mlflow"], "loss/sentiment")
     assert sorted(m.step for m in history) == [1, 2, 3]
-    assert client.get_run(ids["mlflow"]).data.params["strategy"] == "ortho"
+    assert client.get_run(ids["mlflow"]).data.params["strategy"] == "joint"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" not in r] == [1, 2, 3]
 
