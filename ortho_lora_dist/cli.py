@@ -38,7 +38,6 @@ def _eval(args) -> int:
     adapter = find_adapter(args.adapter)
     ev = load_for_eval(cfg, adapter)  # reads the run; writes nothing but its own output file
     full = {s: run_eval(ev.model, ev.tasks, s, ev.info, eval_batch_size(cfg)) for s in ("validation", "test")}
-    results = {k: v.metrics for k, v in full.items() if v.metrics}
     if ev.info.main:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
         if out.resolve() in {(adapter.parent / n).resolve() for n in rf.RUN_FILES}:
@@ -46,7 +45,7 @@ def _eval(args) -> int:
         atomic_write_text(
             out, jsonio.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1)
         )  # eval.json's layout
-        print_table(results, ev.tasks)
+        print_table(full, ev.tasks)
         print(f"written: {out}")
     return 0
 

@@ -56,7 +56,7 @@ def model_card(meta: dict, evaluation: dict | None = None) -> str:
         lines.append(f"| {t['name']} | {t['type']} | {labels} | {t['metric']} |{scores}")
     lines += [
         "",
-        f"Metrics from the run's eval.json (step {evaluation.get('step', tc['step'])})."
+        f"Metrics (loss for metric: loss) from the run's eval.json (step {evaluation.get('step', tc['step'])})."
         if splits
         else "Not evaluated yet: the card is rewritten when the run's final evaluation is done.",
         "",
@@ -87,7 +87,7 @@ def model_card(meta: dict, evaluation: dict | None = None) -> str:
         "ortho-lora predict ADAPTER_DIR --input records.jsonl --output predictions.jsonl",
         f'#   records.jsonl: one {{"task": "{names[0]}", "text": "..."}} per line',
         "ortho-lora merge ADAPTER_DIR OUT_DIR"
-        + ("" if m["quantization"] == "none" else "   # refused: quantized base"),
+        + ("" if m["quantization"] == "none" else "   # into the base de-quantised to its dtype"),
         "```",
         "",
         "```python",

@@ -31,7 +31,11 @@ class TaskConfig(Strict):
     label_field: str = "label"
     type: Literal["classification", "regression", "generation"] = "classification"
     labels: list[str] | None = Field(None, description="label set (default: the labels seen in train, sorted)")
-    metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match"] = "accuracy"
+    metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match", "loss"] = Field(
+        "accuracy",
+        description="scored on validation / test; loss: the per-task loss (and perplexity) only, nothing generated "
+        "(the default for alpaca and chat tasks: open-ended answers; set exact_match to generate and compare)",
+    )
     loss_weight: float = Field(1.0, ge=0)
     prompt: str | None = Field(
         None,
@@ -76,7 +80,7 @@ class TaskConfig(Strict):
         if self.files is not None and "train" not in self.files:
             raise ValueError(f"task {self.name!r}: files needs a 'train' entry")
         given = self.model_fields_set
-        if self.format != "text":  # the answer is text: generation, scored by exact match unless told otherwise
+        if self.format != "text":  # the answer is open text: generation, evaluated by its loss unless told otherwise
             if "type" not in given:
                 self.type = "generation"
             elif self.type != "generation":
@@ -85,7 +89,7 @@ class TaskConfig(Strict):
                     f"text), not {self.type!r}: remove 'type' or set type: generation"
                 )
             if "metric" not in given:
-                self.metric = "exact_match"
+                self.metric = "loss"
         if self.format == "chat" and self.prompt is not None:
             raise ValueError(
                 f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "

@@ -78,6 +78,7 @@ def run_eval(
         mine, padded = shard(len(task.splits[split]), info.rank, info.world)
         work += [(t, i, j < len(mine)) for j, i in enumerate(padded)]
     preds: dict[int, list] = {t: [] for t, _ in todo}
+    by_loss = frozenset(t for t, task in todo if task.config.metric == "loss")  # evaluated by their loss alone
     try:
         for lo in range(0, len(work), batch_size):  # batches mix tasks: same batches on every rank (equal shares)
             if should_stop is not None and should_stop():
@@ -85,7 +86,7 @@ def run_eval(
             chunk = work[lo : lo + batch_size]
             records = [tasks[t].splits[split][i] for t, i, _ in chunk]
             batch = to_device(model.collate(records, [t for t, _, _ in chunk]), info.device)
-            for (t, _, real), p in zip(chunk, model.predict(batch)):
+            for (t, _, real), p in zip(chunk, model.predict(batch, skip_tasks=by_loss)):
                 if real:
                     preds[t].append(p)
             if losses:
@@ -95,6 +96,8 @@ def run_eval(
                 counts += c.detach().double().cpu()
             bar.update(1)
         for t, task in todo:
+            if t in by_loss:  # its loss (below) is its evaluation: nothing was predicted
+                continue
             gathered = [p for part in gather_objects(info, preds[t]) for p in part]
             if info.main:
                 finite = all(p is not None and (not isinstance(p, float) or math.isfinite(p)) for p in gathered)

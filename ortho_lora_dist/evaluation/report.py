@@ -18,20 +18,33 @@ def eval_report(full: dict[str, EvalResult]) -> dict:
     return out
 
 
-def print_table(results: dict, tasks) -> None:
-    """{split: {task: metric}} as a rich table, one row per task and the average."""
+def scores(full: dict[str, EvalResult], tasks) -> dict[str, dict]:
+    """{split: {task: score}}: each task's metric, or its loss for ``metric: loss``; "average" over the metrics."""
+    out: dict[str, dict] = {}
+    for split, result in full.items():
+        row = {t.name: (result.loss if t.config.metric == "loss" else result.metrics).get(t.name) for t in tasks}
+        if "average" in result.metrics:
+            row["average"] = result.metrics["average"]
+        if result.metrics or result.loss:
+            out[split] = row
+    return out
+
+
+def print_table(full: dict[str, EvalResult], tasks) -> None:
+    """One row per task (its metric, or its loss for metric: loss) and the average of the metrics, per split."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="Evaluation")
     table.add_column("task")
     table.add_column("metric")
-    splits = list(results)
-    for s in splits:
+    rows = scores(full, tasks)
+    for s in rows:
         table.add_column(s, justify="right")
     for t in tasks:
-        table.add_row(t.name, t.config.metric, *[_fmt(results[s].get(t.name)) for s in splits])
-    table.add_row("average", "", *[_fmt(results[s].get("average")) for s in splits])
+        table.add_row(t.name, t.config.metric, *[_fmt(rows[s].get(t.name)) for s in rows])
+    if any(t.config.metric != "loss" for t in tasks):
+        table.add_row("average", "", *[_fmt(rows[s].get("average")) for s in rows])
     Console().print(table)
 
 

@@ -127,11 +127,12 @@ class CausalLMMultiTask(nn.Module):
         return torch.zeros(batch["labels"].shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
 
     @torch.no_grad()
-    def predict(self, batch: dict, return_text: bool = False) -> list:
+    def predict(self, batch: dict, return_text: bool = False, skip_tasks: frozenset[int] = frozenset()) -> list:
         """Per sample: the label index (classification: every label's verbalizer scored, all samples and labels in
         ONE forward) or the extracted, normalised answer (generation: one left-padded greedy batch per set of stop
         strings, tasks mixed; see generation.py). None for a non-finite score.
-        ``return_text``: (prediction, generated text or None) pairs.
+        ``return_text``: (prediction, generated text or None) pairs. ``skip_tasks``: generate nothing for these
+        (None: evaluation by loss alone).
         """
         task_ids, records = batch["task_ids"].tolist(), batch["records"]
         preds: list = [None] * len(records)
@@ -159,7 +160,7 @@ class CausalLMMultiTask(nn.Module):
         )
         groups: dict[tuple[str, ...], list[int]] = {}  # one generate call per set of stop strings, tasks mixed
         for i, t in enumerate(task_ids):
-            if self.tasks[t].config.type == "generation":
+            if self.tasks[t].config.type == "generation" and t not in skip_tasks:
                 groups.setdefault(tuple(self.tasks[t].config.generation.stop), []).append(i)
         for stop, rows in groups.items():
             configs = [self.tasks[task_ids[i]].config for i in rows]

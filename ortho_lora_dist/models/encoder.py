@@ -110,7 +110,9 @@ class EncoderMultiTask(nn.Module):
         return task_sum(per, batch["task_ids"], len(self.heads), w)
 
     @torch.no_grad()
-    def predict(self, batch: dict) -> list:
+    def predict(self, batch: dict, skip_tasks: frozenset[int] = frozenset()) -> list:
+        """Per sample: the class index or the score (None for a non-finite output); a head is cheap, so
+        ``skip_tasks`` (tasks evaluated by loss alone) are predicted all the same."""
         pooled, task_ids = self._pooled(batch), batch["task_ids"]
         preds: list = [None] * len(task_ids)
         for t, rows, out in self._per_task(pooled, task_ids):

@@ -27,7 +27,7 @@ from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
-from ortho_lora_dist.evaluation.report import eval_report, print_table
+from ortho_lora_dist.evaluation.report import eval_report, print_table, scores
 from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
@@ -311,13 +311,13 @@ class Trainer:
                     )
                 return {"interrupted": True, "step": state.step}
             full[split] = evaluated
-        results = {k: v.metrics for k, v in full.items() if v.metrics}
+        results = scores(full, self.tasks)  # each task's metric, or its loss for metric: loss
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if main:
             self.run.write_json(rf.EVAL, {"step": state.step, **eval_report(full)}, indent=1)
             write_model_card(self.run.adapter, {"step": state.step, **results})  # now with the final evaluation
             self._log_eval(full.get("validation"))
-            print_table(results, self.tasks)
+            print_table(full, self.tasks)
             if self.cfg.train.plots:
                 self.telemetry.close()  # the plots read the complete metrics.jsonl
                 plot_run(self.run.path)

@@ -156,7 +156,7 @@ ALPACA = [
 
 def test_chat_and_alpaca_records_are_checked(tmp_path):
     data = load_task(TaskConfig(name="c", files={"train": _jsonl(tmp_path / "c.jsonl", CHAT)}, format="chat"))
-    assert data.config.type == "generation" and data.config.metric == "exact_match"
+    assert data.config.type == "generation" and data.config.metric == "loss"  # open answers: evaluated by loss
     assert data.splits["train"][1] == {"messages": CHAT[1]["messages"][:-1], "label": "the actor was great"}
     bad = [
         ({"messages": "hi"}, r"line 2: 'messages' must be a non-empty list"),
