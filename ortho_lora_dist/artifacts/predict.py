@@ -21,7 +21,7 @@ import torch
 
 from ortho_lora_dist.artifacts.adapter import find_adapter, load_adapter_model, read_meta
 from ortho_lora_dist.data.errors import DataError
-from ortho_lora_dist.data.fields import check_messages, text_value
+from ortho_lora_dist.data.formats import get_format, text_value
 from ortho_lora_dist.data.sources import iter_jsonl
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import jsonio
@@ -42,16 +42,9 @@ def _record(row, where: str, tasks: dict[str, dict]) -> dict:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(f"{where}: unknown task {name!r}{hint}; this adapter's tasks: {', '.join(tasks)}")
     task = tasks[name]
-    fmt = task.get("format") or "text"
-    if fmt != "text":  # alpaca: instruction (+ input); chat: the conversation so far, [{role, content}, ...]
-        rec = {"task": name, "label": PLACEHOLDER_LABEL[task["type"]]}
-        if fmt == "chat":
-            rec["messages"] = check_messages(row.get("messages"), where, "messages", name, answer=False)
-        else:
-            rec.update(
-                instruction=text_value(row, "instruction", where, name),
-                input=text_value(row, "input", where, name, optional=True) or "",
-            )
+    fmt = get_format(task.get("format"))
+    if fmt.name != "text":  # the format's own input fields (data/formats/): instruction, messages, prompt, ...
+        rec = {"task": name, "label": PLACEHOLDER_LABEL[task["type"]], **fmt.predict(row, where, name)}
         if row.get("id") is not None:
             rec["id"] = row["id"]
         return rec

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ortho_lora_dist.config.base import Strict
 
@@ -25,9 +26,25 @@ class ModelConfig(Strict):
         "(data/lengths.py)",
     )
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None,
+        description="causal-lm: a Jinja chat template (the text, or a path to a .jinja file) replacing the "
+        "tokenizer's, or giving a base model one; chat and sharegpt tasks render with it",
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="causal-lm: transformers' attention implementation (default: transformers' choice, sdpa)"
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text(cls, v: str | None) -> str | None:
+        """A path to a .jinja file becomes its text, so that config.yaml and the adapter carry the template itself."""
+        if v is None or "\n" in v or not v.strip().endswith(".jinja"):
+            return v
+        path = Path(v.strip())
+        if not path.is_file():
+            raise ValueError(f"chat_template file {path} does not exist")
+        return path.read_text()
 
 
 class LoraConfigModel(Strict):

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ortho_lora_dist.config.base import Strict
+from ortho_lora_dist.data.formats import FORMAT_NAMES, get_format
 
 
 class GenerationOptions(Strict):
@@ -24,8 +25,15 @@ class TaskConfig(Strict):
         None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder"
     )
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str | None = Field(
+        "validation", description="the dataset's validation split (null: none; or validation_fraction)"
+    )
     test_split: str | None = None
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error",
+        description="a record that fails its format's checks: stop with an error naming its file and line (error), or "
+        "leave it out, counted and the first one named in one warning per split (skip)",
+    )
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -57,15 +65,25 @@ class TaskConfig(Strict):
     )
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
-    format: Literal["text", "alpaca", "chat"] = Field(
+    format: Literal[FORMAT_NAMES] = Field(
         "text",
-        description="record layout: text (+pair) and label, instruction/input/output, or chat messages (see README)",
+        description="record layout (data/formats/): text (+pair) and label; alpaca instruction/input/output; chat "
+        "messages; sharegpt conversations; prompt_completion (TRL's); raw documents (continued pre-training)",
     )
     instruction_field: str = "instruction"
     input_field: str = Field("input", description="alpaca: optional per record (missing or empty: no input)")
     output_field: str = "output"
-    messages_field: str = Field(
-        "messages", description="chat: a list of {role, content}; the last is the assistant's answer"
+    messages_field: str | None = Field(
+        None,
+        description="chat: a list of {role, content} (default 'messages'); sharegpt: a list of {from, value} "
+        "(default 'conversations'); the last turn is the assistant's answer",
+    )
+    prompt_field: str = Field("prompt", description="prompt_completion: the prompt, used verbatim")
+    completion_field: str = Field("completion", description="prompt_completion: the answer trained on")
+    train_turns: Literal["all", "last"] = Field(
+        "all",
+        description="chat / sharegpt: the loss covers every assistant turn (all: TRL's assistant-only loss) or the "
+        "last one only",
     )
     train_on_inputs: bool = Field(False, description="causal-lm: loss on the prompt tokens too (default: answer only)")
     validation_fraction: float | None = Field(
@@ -80,7 +98,10 @@ class TaskConfig(Strict):
         if self.files is not None and "train" not in self.files:
             raise ValueError(f"task {self.name!r}: files needs a 'train' entry")
         given = self.model_fields_set
-        if self.format != "text":  # the answer is open text: generation, evaluated by its loss unless told otherwise
+        fmt = get_format(self.format)
+        if self.messages_field is None and fmt.chat:
+            self.messages_field = "conversations" if self.format == "sharegpt" else "messages"
+        if fmt.generation:  # the answer is open text: generation, evaluated by its loss unless told otherwise
             if "type" not in given:
                 self.type = "generation"
             elif self.type != "generation":
@@ -90,17 +111,15 @@ class TaskConfig(Strict):
                 )
             if "metric" not in given:
                 self.metric = "loss"
-        if self.format == "chat" and self.prompt is not None:
-            raise ValueError(
-                f"task {self.name!r}: format 'chat' renders the messages with the tokenizer's chat template: "
-                "remove 'prompt'"
-            )
+        if fmt.placeholders is None and self.prompt is not None:
+            how = "renders the messages with the tokenizer's chat template" if fmt.chat else "takes no prompt template"
+            raise ValueError(f"task {self.name!r}: format {self.format!r} {how}: remove 'prompt'")
         if self.format == "text" and self.prompt is None:
             self.prompt = "{text}\nAnswer:"
         if self.prompt is not None:
             import string
 
-            allowed = {"text": {"text", "text_pair"}, "alpaca": {"instruction", "input"}}[self.format]
+            allowed = fmt.placeholders
             try:
                 names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None}
             except ValueError as e:

@@ -20,6 +20,7 @@ index. Any problem is one DataError naming the task, file, line (or row) and key
 from __future__ import annotations
 
 import atexit
+import logging
 import shutil
 import tempfile
 import uuid
@@ -30,7 +31,10 @@ from pathlib import Path
 from ortho_lora_dist.config import TaskConfig
 from ortho_lora_dist.data.errors import DataError
 from ortho_lora_dist.data.fields import _needed, _normalise
+from ortho_lora_dist.data.formats import get_format
 from ortho_lora_dist.data.sources import CHUNK, _hub_dataset, _iter_table, _rows_of_file
+
+log = logging.getLogger("ortho_lora_dist")
 
 
 class Records(Sequence):
@@ -89,15 +93,7 @@ class TaskData:
 
 
 def _schema(cfg: TaskConfig):
-    import pyarrow as pa
-
-    s = pa.string()
-    if cfg.format == "chat":
-        return pa.schema([("messages", pa.list_(pa.struct([("role", s), ("content", s)]))), ("label", s)])
-    if cfg.format == "alpaca":
-        return pa.schema([("instruction", s), ("input", s), ("label", s)])
-    cols = [("text", s)] + ([("text_pair", s)] if cfg.text_pair_field else [])
-    return pa.schema(cols + [("label", pa.float64() if cfg.type == "regression" else s)])
+    return get_format(cfg.format).schema(cfg)
 
 
 _TMP: list[Path] = []
@@ -126,13 +122,20 @@ def _write(
     path = _scratch() / f"{cfg.name}-{uuid.uuid4().hex}.arrow"
     chunk: list[dict] = []
     n = 0
+    skipped: list[str] = []
     with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as w:
         for where, row in rows:
             if limit is not None and n >= limit:
                 break
-            rec = _normalise(row, where, cfg)
-            if check is not None:
-                check(rec, where)
+            try:
+                rec = _normalise(row, where, cfg)
+                if check is not None:
+                    check(rec, where)
+            except DataError as e:
+                if cfg.on_bad_record != "skip":
+                    raise
+                skipped.append(str(e))
+                continue
             if seen is not None:
                 seen.add(rec["label"])
             chunk.append(rec)
@@ -141,6 +144,14 @@ def _write(
                 w.write_table(pa.Table.from_pylist(chunk, schema=schema))
                 chunk = []
         w.write_table(pa.Table.from_pylist(chunk, schema=schema))
+    if skipped:
+        log.warning(
+            "task %r: skipped %d bad record%s (on_bad_record: skip); the first: %s",
+            cfg.name,
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            skipped[0],
+        )
     return datasets.Dataset.from_file(str(path))
 
 

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-# Stanford Alpaca's two templates (with / without an input), used when an alpaca task gives no prompt
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
-    "### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+from ortho_lora_dist.data.formats.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT  # noqa: F401 (re-exported)
+
 CHARS_PER_TOKEN_BOUND = 50  # texts are cut to max_length * this many characters before tokenizing
 
 

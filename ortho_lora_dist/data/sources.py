@@ -163,6 +163,14 @@ def _hub_dataset(cfg: TaskConfig, split: str):
     try:
         with _quiet_datasets():
             return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+    except ValueError as e:
+        if "Unknown split" not in str(e) and "split" not in str(e).lower():
+            raise
+        raise DataError(
+            f"task {cfg.name!r}: dataset {cfg.dataset} has no split {split!r} ({e}); name one of its splits "
+            "(train_split / eval_split / test_split), set eval_split: null for no evaluation, or hold out "
+            "validation_fraction of train"
+        ) from None
     except Exception as e:
         if not is_unreachable(e) and "offline" not in str(e).lower() and "couldn't" not in str(e).lower():
             raise

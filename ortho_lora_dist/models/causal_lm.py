@@ -10,6 +10,7 @@ from torch import nn
 
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.core.losses import task_mean, task_sum
+from ortho_lora_dist.data.formats import get_format
 from ortho_lora_dist.data.loading import DataError, TaskData
 from ortho_lora_dist.models.encoding import CausalEncoding
 from ortho_lora_dist.models.generation import answer, generate
@@ -21,11 +22,12 @@ from ortho_lora_dist.runtime.hub import resolve_model_path
 def check_chat_template(tasks: list[TaskData], tokenizer, model_name: str) -> None:
     """A chat task needs the tokenizer's chat template: refuse (DataError, exit 2) naming the task and key."""
     for i, t in enumerate(tasks):
-        if getattr(t.config, "format", "text") == "chat" and not getattr(tokenizer, "chat_template", None):
+        fmt = getattr(t.config, "format", "text")
+        if get_format(fmt).chat and not getattr(tokenizer, "chat_template", None):
             raise DataError(
-                f"task {t.name!r} (tasks.{i}.format: chat): the tokenizer of {model_name} has no chat template "
+                f"task {t.name!r} (tasks.{i}.format: {fmt}): the tokenizer of {model_name} has no chat template "
                 "(tokenizer_config.json 'chat_template' / chat_template.jinja) to render its messages: use a chat or "
-                "instruct model, give the tokenizer a template, or use format alpaca or text"
+                "instruct model, set model.chat_template, or use format alpaca, prompt_completion or text"
             )
 
 

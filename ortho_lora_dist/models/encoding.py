@@ -12,9 +12,9 @@ import torch
 from ortho_lora_dist.data.lengths import fit
 from ortho_lora_dist.data.loading import TaskData
 from ortho_lora_dist.data.packing import pack
-from ortho_lora_dist.data.prompts import prompt_ids
+from ortho_lora_dist.data.prompts import bound_chars, prompt_ids
 from ortho_lora_dist.models.lm_head import labelled_tasks
-from ortho_lora_dist.models.prompts import Prompts
+from ortho_lora_dist.models.prompts import Piece, Prompts
 
 LENGTH_CHUNK = 512  # records tokenised at a time when measuring a split
 
@@ -27,41 +27,59 @@ class CausalEncoding:
         self.prompts = Prompts(tokenizer, tasks)
 
     def texts(self, records: list[dict], task_ids: list[int]) -> tuple:
-        """(prompts, answers, EOS flags, train-on-inputs flags) of training records; each chat prompt rendered once."""
+        """(prompts as (text, trainable) pieces, answers, EOS flags, train-on-inputs flags) of training records;
+        each chat prompt rendered once."""
         P = self.prompts
         rendered = [P.render(t, r["messages"], True) if P.is_chat(t) else None for t, r in zip(task_ids, records)]
-        prompts = [P.prompt(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
+        prompts = [P.pieces(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
         targets = [P.target(t, r, p) for t, r, p in zip(task_ids, records, rendered)]
         train_on_inputs = [bool(getattr(self.tasks[t].config, "train_on_inputs", False)) for t in task_ids]
         return prompts, [a for a, _ in targets], [e for _, e in targets], train_on_inputs
 
+    def _prompt_tokens(self, prompt: str | list[Piece]) -> tuple[list[int], list[bool]]:
+        """A prompt's ids (special tokens added in front; very long texts bounded in characters) and which of them
+        are trainable (earlier assistant turns)."""
+        pieces = [(prompt, False)] if isinstance(prompt, str) else prompt
+        ids: list[int] = []
+        mask: list[bool] = []
+        for i, (text, trainable) in enumerate(pieces):
+            if i == 0:
+                piece = prompt_ids(self.tokenizer, text, 2 * self.max_length, self.max_length)
+            else:
+                piece = self.tokenizer(bound_chars(text, self.max_length), add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [trainable] * len(piece)
+        return ids, mask
+
     def token_ids(
-        self, prompts: list[str], answers: list[str], eos: list[bool] | None = None
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Whole prompt ids (special tokens added; very long texts bounded in characters) and answer ids (+ EOS)."""
+        self, prompts: list, answers: list[str], eos: list[bool] | None = None
+    ) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
+        """(prompt ids, their trainable mask, answer ids + EOS) per sample; a prompt is a text or (text, trainable)
+        pieces (Prompts.pieces)."""
         tok = self.tokenizer
         eos = eos or [True] * len(prompts)
         end = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        p_ids = [prompt_ids(tok, p, 2 * self.max_length, self.max_length) for p in prompts]
+        prompt_tokens = [self._prompt_tokens(p) for p in prompts]
         a_ids = [tok(a, add_special_tokens=False)["input_ids"] + (end if e else []) for a, e in zip(answers, eos)]
-        return p_ids, a_ids
+        return [p for p, _ in prompt_tokens], [m for _, m in prompt_tokens], a_ids
 
     def tokenize(
         self,
-        prompts: list[str],
+        prompts: list,
         answers: list[str],
         eos: list[bool] | None = None,
         prompt_loss: list[bool] | None = None,
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Per sample: ids prompt + answer (+ EOS) cut to max_length (data/lengths.py ``fit``: the prompt's end, the
-        answer's head), labels -100 on the prompt unless ``prompt_loss``."""
+        answer's head), labels -100 on the prompt but its trainable pieces, unless ``prompt_loss``."""
         ids, labels = [], []
         prompt_loss = prompt_loss or [False] * len(prompts)
-        for p_ids, a_ids, pl in zip(*self.token_ids(prompts, answers, eos), prompt_loss):
+        for p_ids, mask, a_ids, pl in zip(*self.token_ids(prompts, answers, eos), prompt_loss):
             keep_p, keep_a = fit(len(p_ids), len(a_ids), self.max_length)
-            p_ids, a_ids = p_ids[len(p_ids) - keep_p :], a_ids[:keep_a]
+            cut = len(p_ids) - keep_p
+            p_ids, mask, a_ids = p_ids[cut:], mask[cut:], a_ids[:keep_a]
             ids.append(p_ids + a_ids)
-            labels.append((p_ids if pl else [-100] * len(p_ids)) + a_ids)
+            labels.append([x if pl or m else -100 for x, m in zip(p_ids, mask)] + a_ids)
         return ids, labels
 
     def encode(self, prompts: list[str], answers: list[str], eos=None, prompt_loss=None) -> dict:
@@ -97,6 +115,6 @@ class CausalEncoding:
         for lo in range(0, len(records), LENGTH_CHUNK):
             chunk = list(records[lo : lo + LENGTH_CHUNK])
             prompts, answers, eos, _ = self.texts(chunk, [task] * len(chunk))
-            p_ids, a_ids = self.token_ids(prompts, answers, eos)
+            p_ids, _, a_ids = self.token_ids(prompts, answers, eos)
             out += [len(p) + len(a) for p, a in zip(p_ids, a_ids)]
         return out

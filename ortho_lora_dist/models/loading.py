@@ -74,6 +74,8 @@ def load_tokenizer(cfg: ModelConfig):
     tok = from_pretrained(
         AutoTokenizer.from_pretrained, path, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code
     )
+    if getattr(cfg, "chat_template", None):  # the text (a .jinja path is read at validation, config/model.py)
+        tok.chat_template = cfg.chat_template
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:

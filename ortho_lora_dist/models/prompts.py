@@ -1,14 +1,22 @@
-"""The prompt and the answer text of a record, per task format (text, alpaca, chat), for a causal LM's tokenizer.
+"""The prompt and the answer text of a record, per task format (data/formats/), for a causal LM's tokenizer.
 
-chat: the tokenizer's own chat template (``apply_chat_template``) renders the turns before the answer with the
-generation prompt; the answer is what the template writes for the assistant turn (content plus end-of-turn).
-A BOS the template writes is left to the tokenizer, so it is never doubled.
+Chat formats: the tokenizer's own chat template (``apply_chat_template``) renders the turns before the answer with
+the generation prompt; the answer is what the template writes for the assistant turn (content plus end-of-turn).
+With ``train_turns: all`` the earlier assistant turns inside the prompt are trainable pieces too, found by rendering
+the conversation up to each of them (a template whose rendering of a prefix is not a prefix of the whole, e.g. one
+that drops earlier reasoning, falls back to the last turn, with one warning per task). A BOS the template writes is
+left to the tokenizer, so it is never doubled. Other formats: the format's own prompt text.
 """
 
 from __future__ import annotations
 
+import logging
+
+from ortho_lora_dist.data.formats import get_format
 from ortho_lora_dist.data.loading import DataError, TaskData
-from ortho_lora_dist.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+
+log = logging.getLogger("ortho_lora_dist")
+Piece = tuple[str, bool]  # (text, trainable)
 
 
 class Prompts:
@@ -17,9 +25,10 @@ class Prompts:
     def __init__(self, tokenizer, tasks: list[TaskData]) -> None:
         self.tokenizer, self.tasks = tokenizer, tasks
         self._bos: bool | None = None
+        self._warned: set[int] = set()
 
     def is_chat(self, task: int) -> bool:
-        return getattr(self.tasks[task].config, "format", "text") == "chat"
+        return get_format(getattr(self.tasks[task].config, "format", None)).chat
 
     def render(self, task: int, messages: list[dict], add_generation_prompt: bool) -> str:
         """The tokenizer's chat template applied to ``messages`` (text, not ids)."""
@@ -52,13 +61,36 @@ class Prompts:
         chat: ``rendered`` (the chat template's rendering of the turns before the answer), made here if not given.
         """
         cfg = self.tasks[task].config
-        fmt = getattr(cfg, "format", "text")
-        if fmt == "chat":
+        if self.is_chat(task):
             return self.without_bos(rendered if rendered is not None else self.render(task, r["messages"], True))
-        if fmt == "alpaca":
-            template = cfg.prompt or (ALPACA_PROMPT if r.get("input") else ALPACA_PROMPT_NO_INPUT)
-            return template.format(instruction=r["instruction"], input=r.get("input", ""))
-        return cfg.prompt.format(text=r["text"], text_pair=r.get("text_pair", ""))
+        return get_format(getattr(cfg, "format", None)).prompt_text(cfg, r)
+
+    def pieces(self, task: int, r: dict, rendered: str | None = None) -> list[Piece]:
+        """The prompt as (text, trainable) pieces: the assistant turns before the answer are trainable for a chat
+        task with ``train_turns: all``; otherwise one untrainable piece."""
+        text = self.prompt(task, r, rendered)
+        cfg = self.tasks[task].config
+        if not self.is_chat(task) or getattr(cfg, "train_turns", "last") != "all":
+            return [(text, False)]
+        messages, out, pos = r["messages"], [], 0
+        for j, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.without_bos(self.render(task, messages[:j], True)) if j else ""
+            through = self.without_bos(self.render(task, messages[: j + 1], False))
+            if not (through.startswith(before) and text.startswith(through) and len(before) >= pos):
+                if task not in self._warned:
+                    self._warned.add(task)
+                    log.warning(
+                        "task %r: the chat template does not render a conversation's beginning as the beginning of "
+                        "the whole; the loss covers the last assistant turn only (train_turns: last)",
+                        self.tasks[task].name,
+                    )
+                return [(text, False)]
+            out += [(text[pos : len(before)], False), (through[len(before) :], True)]
+            pos = len(through)
+        out.append((text[pos:], False))
+        return [(t, trainable) for t, trainable in out if t]
 
     def answer(self, task: int, label) -> str:
         t = self.tasks[task]

@@ -210,12 +210,24 @@ def _lm(llama, tasks_cfg, tmp_path, which="chat"):
     return build_model(cfg, tasks, tok), tasks, tok
 
 
-def test_chat_prompt_is_the_chat_template_and_labels_mask_it(llama, tmp_path):
+def _ids(out) -> list[int]:
+    return out["input_ids"] if not isinstance(out, list) else out
+
+
+@pytest.mark.parametrize("turns", ["last", "all"])
+def test_chat_prompt_is_the_chat_template_and_labels_mask_it(llama, tmp_path, turns):
+    """turns last: the loss on exactly the answer turn; all (the default): on every assistant turn, each span being
+    what the template writes for that turn (its rendering up to the turn minus its rendering before it)."""
     f = _jsonl(tmp_path / "c.jsonl", CHAT)
     for on_inputs in (False, True):
-        model, tasks, tok = _lm(
-            llama, [{"name": "c", "files": {"train": f}, "format": "chat", "train_on_inputs": on_inputs}], tmp_path
-        )
+        task = {
+            "name": "c",
+            "files": {"train": f},
+            "format": "chat",
+            "train_on_inputs": on_inputs,
+            "train_turns": turns,
+        }
+        model, tasks, tok = _lm(llama, [task], tmp_path)
         records = [tasks[0].splits["train"][i] for i in range(2)]
         batch = model.collate(records, [0, 0])
         for row, r in enumerate(records):
@@ -234,8 +246,16 @@ def test_chat_prompt_is_the_chat_template_and_labels_mask_it(llama, tmp_path):
             answer = tok(r["label"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             if on_inputs:
                 assert labels == ids
-            else:
-                assert labels == [-100] * len(want) + answer, "loss on exactly the answer turn"
+                continue
+            prompt_labels = [-100] * len(want)
+            for j, m in enumerate(r["messages"]):
+                if turns == "all" and m["role"] == "assistant":
+                    before = _ids(tok.apply_chat_template(r["messages"][:j], add_generation_prompt=True, tokenize=True))
+                    through = _ids(tok.apply_chat_template(r["messages"][: j + 1], tokenize=True))
+                    prompt_labels[len(before) : len(through)] = ids[len(before) : len(through)]
+            assert labels == prompt_labels + answer, "loss on exactly the assistant turns asked for"
+            if turns == "all" and row == 1:
+                assert labels[: len(want)] != [-100] * len(want), "the earlier assistant turn is trained on"
             assert (batch["labels"][row, n:] == -100).all()
     with pytest.raises(DataError, match=r"task 'c' \(tasks.0.format: chat\): the tokenizer of .* has no chat template"):
         _lm(llama, [{"name": "c", "files": {"train": f}, "format": "chat"}], tmp_path, which="plain")
@@ -421,3 +441,32 @@ def test_config_errors_for_new_keys(tmp_path):
         validate_config({**base, "train": {"temperature": 0}})
     with pytest.raises(ConfigError, match="validation_fraction"):
         validate_config({**base, "tasks": [{"name": "a", "files": {"train": "f"}, "validation_fraction": 1.5}]})
+
+
+def test_bad_records_skipped_when_asked_and_counted(tmp_path, caplog):
+    import logging
+
+    rows = [ROWS[0], {"text": "no label here"}, ROWS[1], {"label": "pos"}]
+    f = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: field 'label' is missing"):
+        load_task(TaskConfig(name="t", files={"train": f}))
+    with caplog.at_level(logging.WARNING, logger="ortho_lora_dist"):
+        data = load_task(TaskConfig(name="t", files={"train": f}, on_bad_record="skip"))
+    assert len(data.splits["train"]) == 2
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warned == [
+        "task 't': skipped 2 bad records (on_bad_record: skip); the first: "
+        f"{f}, line 2: field 'label' is missing (task 't')"
+    ]
+
+
+def test_a_dataset_without_a_validation_split(tmp_path):
+    """A dataset folder (read by datasets.load_dataset, as a Hub id is) that has only a train split: the default
+    eval_split is refused naming the split and the ways out; eval_split: null trains without evaluation."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"dataset .*ds has no split 'validation'.*eval_split: null"):
+        load_task(TaskConfig(name="t", dataset=str(folder)))
+    data = load_task(TaskConfig(name="t", dataset=str(folder), eval_split=None))
+    assert list(data.splits) == ["train"] and len(data.splits["train"]) == len(ROWS)
