@@ -15,6 +15,7 @@ record needs (text / instruction + input / messages) and how its prompt is built
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ from ortho_lora_dist.runtime import run_files as rf
 
 FORMAT = 1
 PEFT_TASK_TYPES = {"encoder-classification": "FEATURE_EXTRACTION", "causal-lm": "CAUSAL_LM"}
+
+log = logging.getLogger("ortho_lora_dist")
 
 
 class AdapterError(ValueError):
@@ -143,6 +146,40 @@ def load_adapter_weights(model: nn.Module, names: list[str], adapter_dir: Path) 
     heads_file = adapter_dir / rf.HEADS
     if heads_file.is_file():
         load_heads(model.heads, names, heads_file)
+
+
+def warm_start(model: nn.Module, names: list[str], folder: str | Path) -> None:
+    """train.init_adapter: the LoRA weights of a saved PEFT adapter (shapes must match this run's lora.r and target
+    modules), and the task heads of the tasks it has by name; AdapterError naming what does not fit."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(folder)
+    weights = path / rf.ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise AdapterError(f"train.init_adapter: {path} has no {rf.ADAPTER_WEIGHTS} (a PEFT adapter folder)")
+    try:
+        result = set_peft_model_state_dict(model.peft_model, load_file(str(weights)))
+    except RuntimeError as e:
+        raise AdapterError(
+            f"train.init_adapter: {path} does not fit this run's LoRA (lora.r / target_modules / model): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    lora_missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if lora_missing:
+        raise AdapterError(
+            f"train.init_adapter: {path} has no weights for {len(lora_missing)} LoRA factors of this run, e.g. "
+            f"{lora_missing[0]}: the same lora.target_modules are needed"
+        )
+    heads_file = path / rf.HEADS
+    if heads_file.is_file() and getattr(model, "heads", None) is not None:
+        saved = load_file(str(heads_file))
+        with torch.no_grad():
+            for n, p in model.heads.named_parameters():
+                i, rest = n.split(".", 1)
+                key = rf.head_key(names[int(i)], rest)
+                if key in saved and saved[key].shape == p.shape:
+                    p.copy_(saved[key])
+    log.info("warm start: LoRA weights from %s (a new optimizer)", path)
 
 
 def spec_from_meta(meta: dict, base: str | None = None):

@@ -45,6 +45,10 @@ class TaskConfig(Strict):
         "(the default for alpaca and chat tasks: open-ended answers; set exact_match to generate and compare)",
     )
     loss_weight: float = Field(1.0, ge=0)
+    sampling_weight: float = Field(1.0, gt=0, description="train.task_sampling weighted: p_t ~ sampling_weight")
+    max_epochs: float | None = Field(
+        None, gt=0, description="this task leaves the batches after max_epochs passes over its training set"
+    )
     prompt: str | None = Field(
         None,
         description="format text: '{text}' / '{text_pair}' template (default "

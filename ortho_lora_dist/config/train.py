@@ -47,13 +47,20 @@ class TrainConfig(Strict):
         description="samples per evaluation batch, tasks mixed (default: per_task_batch_size x tasks, at least "
         "2 x per_task_batch_size: the training micro-batch, which fits in memory with gradients)",
     )
-    task_sampling: Literal["equal", "proportional", "temperature"] = Field(
+    task_sampling: Literal["equal", "proportional", "temperature", "weighted"] = Field(
         "equal",
         description="equal: every task per_task_batch_size samples per micro-batch; proportional / temperature: "
-        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); see docs/design.md",
+        "task shares drawn with p_t ~ n_t^(1/temperature) (proportional: temperature 1); weighted: p_t ~ "
+        "tasks.N.sampling_weight; tasks.N.max_epochs caps any task (data/sampling.py)",
     )
     temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
     gradient_accumulation: int = Field(1, gt=0)
+    init_adapter: str | None = Field(
+        None,
+        description="warm start: LoRA weights (and task heads, matched by task name) of a saved adapter folder "
+        "(PEFT's adapter_model.safetensors, e.g. a run's adapter/); a new optimizer; ignored when --resume finds a "
+        "checkpoint",
+    )
     gradient_checkpointing: bool = False
     packing: bool = Field(
         False,

@@ -19,10 +19,12 @@ def eval_report(full: dict[str, EvalResult]) -> dict:
 
 
 def scores(full: dict[str, EvalResult], tasks) -> dict[str, dict]:
-    """{split: {task: score}}: each task's metric, or its loss for ``metric: loss``; "average" over the metrics."""
+    """{split: {task: score}}: each task's metric, or its loss for ``metric: loss``; "average" over the metrics.
+    A task whose score this rank does not hold (metrics live on rank 0) is absent, not None."""
     out: dict[str, dict] = {}
     for split, result in full.items():
-        row = {t.name: (result.loss if t.config.metric == "loss" else result.metrics).get(t.name) for t in tasks}
+        sources = {t.name: result.loss if t.config.metric == "loss" else result.metrics for t in tasks}
+        row = {name: source[name] for name, source in sources.items() if name in source}
         if "average" in result.metrics:
             row["average"] = result.metrics["average"]
         if result.metrics or result.loss:

@@ -17,7 +17,7 @@ import time
 import torch
 import yaml
 
-from ortho_lora_dist.artifacts.adapter import load_adapter_weights
+from ortho_lora_dist.artifacts.adapter import load_adapter_weights, warm_start
 from ortho_lora_dist.artifacts.card import write_model_card
 from ortho_lora_dist.artifacts.plots import plot_run
 from ortho_lora_dist.artifacts.write import save_adapter
@@ -81,12 +81,18 @@ class Trainer:
             self.info.world,
             mode=tc.task_sampling,
             temperature=tc.temperature,
+            weights=[t.sampling_weight for t in cfg.tasks],
+            max_epochs=[t.max_epochs for t in cfg.tasks],
         )
         self.total_steps = tc.steps or math.ceil(tc.epochs * self.sampler.steps_per_epoch(tc.gradient_accumulation))
+        if self.info.main and not resume:
+            log.info("%s", self.sampler.plan(self.total_steps, tc.gradient_accumulation, self.names))
         micro_batch = tc.per_task_batch_size * len(self.tasks)
         self.engine = build_engine(cfg, self.model, self.olr, self.info, self.total_steps, micro_batch)
         self.loss_weights = torch.tensor([t.config.loss_weight for t in self.tasks])
         self.state = TrainState()
+        if tc.init_adapter:  # a warm start; a checkpoint found by --resume overrides it below
+            warm_start(self.model, self.names, tc.init_adapter)
         if resume:
             self.load_checkpoint()
 

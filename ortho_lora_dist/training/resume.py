@@ -95,7 +95,8 @@ def check_resume(saved: dict, current: dict, saved_world: int, world: int, where
         raise ResumeMismatch(
             f"--resume: {where} was trained on {saved_world} ranks with train.task_sampling {sampling!r}, whose "
             f"per-micro-batch task shares are drawn per rank (per_task_batch_size x tasks samples): resume it on "
-            f"{saved_world} ranks (its adapter/ folder can seed a new run on any number of ranks)"
+            f"{saved_world} ranks, or warm-start a new run on any number of ranks from its adapter "
+            "(train.init_adapter: OUTPUT_DIR/adapter, a new optimizer)"
         )
     old_batch = saved["train"]["per_task_batch_size"] * saved_world
     new_batch = current["train"]["per_task_batch_size"] * world
@@ -118,6 +119,6 @@ def check_engine_resume(engine: str, saved_world: int, world: int, where: str) -
     if engine == "deepspeed" and saved_world != world:
         raise ResumeMismatch(
             f"--resume: {where} was written by {saved_world} DeepSpeed ranks and this run has {world}: "
-            f"ZeRO-2 partitions the optimizer state by rank, so resume it on {saved_world} ranks (its adapter/ "
-            "folder is complete and can seed a new run on any number of ranks)"
+            f"ZeRO-2 partitions the optimizer state by rank, so resume it on {saved_world} ranks, or warm-start a new "
+            "run on any number of ranks from its adapter (train.init_adapter: OUTPUT_DIR/adapter, a new optimizer)"
         )
