@@ -292,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     it = sub.add_parser(
         "init", help="write a starter config (+ the DeepSpeed config it names and the SLURM scripts) here"
     )
-    it.add_argument("--template", default="demo", help="demo (default), demo_llm, paper_glue, llama7b_qlora or study")
+    it.add_argument(
+        "--template",
+        default="demo",
+        help="demo (default: the encoder demo), demo_llm (SmolLM2 on reasoning-gym), qlora7b_chat (a 7B QLoRA chat "
+        "adapter over five instruction datasets), paper_glue, study, study_conflict",
+    )
     it.add_argument("--dir", default=".", help="where to write (default: the current folder)")
     it.add_argument("--force", action="store_true", help="overwrite files that exist")
     it.set_defaults(func=_init)

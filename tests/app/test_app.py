@@ -294,7 +294,7 @@ def test_compare_scores_a_subset_of_tasks(env, tmp_path, capsys):
     assert "--score: unknown task 'topik'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name", ["demo", "study", "paper_glue", "llama7b_qlora"])
+@pytest.mark.parametrize("name", ["demo", "study", "paper_glue", "qlora7b_chat"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.tasks and cfg.output_dir

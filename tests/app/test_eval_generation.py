@@ -59,7 +59,7 @@ def test_every_shipped_config_validates():
     for path in configs:
         cfg = load_config(path)
         assert cfg.tasks, path
-    gsm = next(t for t in load_config(ROOT / "configs" / "llama7b_qlora.yaml").tasks if t.name == "gsm8k")
+    gsm = next(t for t in load_config(ROOT / "configs" / "qlora7b_chat.yaml").tasks if t.name == "gsm8k")
     assert gsm.extract == "gsm8k" and gsm.generation.max_new_tokens >= 256 and "\nQuestion:" in gsm.generation.stop
     # what a GSM8K reference and a plausible model answer score as
     assert (

@@ -18,19 +18,19 @@ def test_version(capsys):
 
 
 def test_init_writes_starter_files_and_refuses_to_overwrite(tmp_path, capsys):
-    assert set(templates()) >= {"demo", "llama7b_qlora", "paper_glue"}
-    assert cli(["init", "--dir", str(tmp_path), "--template", "llama7b_qlora"]) == 0
-    for f in ("llama7b_qlora.yaml", "ds_configs/zero2.json", "slurm/common.sh", "slurm/train_deepspeed.sbatch"):
+    assert set(templates()) >= {"demo", "qlora7b_chat", "paper_glue"}
+    assert cli(["init", "--dir", str(tmp_path), "--template", "qlora7b_chat"]) == 0
+    for f in ("qlora7b_chat.yaml", "ds_configs/zero2.json", "slurm/common.sh", "slurm/train_deepspeed.sbatch"):
         assert (tmp_path / f).read_bytes() == (
             template_dir(f.split("/")[0]) if "/" in f else template_dir("configs")
         ).joinpath(f.split("/")[-1]).read_bytes(), f
     (tmp_path / "slurm" / "common.sh").write_text("# mine\n")
     capsys.readouterr()
-    assert cli(["init", "--dir", str(tmp_path), "--template", "llama7b_qlora"]) == 2
+    assert cli(["init", "--dir", str(tmp_path), "--template", "qlora7b_chat"]) == 2
     err = capsys.readouterr().err
     assert "would overwrite" in err and "common.sh" in err and "--force" in err
     assert (tmp_path / "slurm" / "common.sh").read_text() == "# mine\n", "a refusal writes nothing"
-    assert cli(["init", "--dir", str(tmp_path), "--template", "llama7b_qlora", "--force"]) == 0
+    assert cli(["init", "--dir", str(tmp_path), "--template", "qlora7b_chat", "--force"]) == 0
     assert (tmp_path / "slurm" / "common.sh").read_text() != "# mine\n"
     assert cli(["init", "--dir", str(tmp_path), "--template", "nope"]) == 2
     assert "choose from" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_wheel_contents(wheel):
         "ortho_lora_dist/templates/ds_configs/zero2.json",
         "ortho_lora_dist/templates/ds_configs/zero2_offload.json",
         "ortho_lora_dist/templates/configs/demo.yaml",
-        "ortho_lora_dist/templates/configs/llama7b_qlora.yaml",
+        "ortho_lora_dist/templates/configs/qlora7b_chat.yaml",
         "ortho_lora_dist/templates/slurm/common.sh",
         "ortho_lora_dist/templates/slurm/train_torchrun.sbatch",
         "ortho_lora_dist/templates/slurm/train_deepspeed.sbatch",
@@ -114,15 +114,15 @@ def test_installed_wheel_outside_the_clone(wheel, env, tmp_path):  # noqa: F811
     assert run([cli, "--version"], work, clean).stdout.strip() == f"ortho-lora {ortho_lora_dist.__version__}"
 
     # init: a starter config, the DeepSpeed config it names, the SLURM scripts; no overwrite without --force
-    written = run([cli, "init", "--template", "llama7b_qlora"], work, clean).stdout
-    for f in ("llama7b_qlora.yaml", "ds_configs/zero2.json", "slurm/train_torchrun.sbatch", "slurm/common.sh"):
+    written = run([cli, "init", "--template", "qlora7b_chat"], work, clean).stdout
+    for f in ("qlora7b_chat.yaml", "ds_configs/zero2.json", "slurm/train_torchrun.sbatch", "slurm/common.sh"):
         assert (work / f).is_file() and f in written, f
-    assert "already" in run([cli, "init", "--template", "llama7b_qlora"], work, clean).stdout  # same files: a no-op
-    (work / "llama7b_qlora.yaml").write_text((work / "llama7b_qlora.yaml").read_text() + "# edited\n")
-    again = run([cli, "init", "--template", "llama7b_qlora"], work, clean, ok=False)
+    assert "already" in run([cli, "init", "--template", "qlora7b_chat"], work, clean).stdout  # same files: a no-op
+    (work / "qlora7b_chat.yaml").write_text((work / "qlora7b_chat.yaml").read_text() + "# edited\n")
+    again = run([cli, "init", "--template", "qlora7b_chat"], work, clean, ok=False)
     assert again.returncode == 2 and "--force" in again.stderr
-    run([cli, "init", "--template", "llama7b_qlora", "--force"], work, clean)
-    assert "# edited" not in (work / "llama7b_qlora.yaml").read_text()
+    run([cli, "init", "--template", "qlora7b_chat", "--force"], work, clean)
+    assert "# edited" not in (work / "qlora7b_chat.yaml").read_text()
     printed = run([cli, "init"], work, clean).stdout  # the default template, and what to run next
     assert (work / "demo.yaml").is_file()
     assert "next:" in printed and "ortho-lora prepare-demo --out data/demo" in printed
