@@ -82,6 +82,27 @@ def check_training_args(args, strategy: str) -> None:
         raise ValueError("MultiTaskTrainer: nn.DataParallel (several GPUs, one process) is not supported: torchrun")
 
 
+def check_built_state(trainer) -> None:
+    """What HF actually built, whichever way it was configured (TrainingArguments, or accelerate's environment:
+    ``accelerate launch`` with an FSDP or DeepSpeed config sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED and
+    their options, which TrainingArguments never shows): FSDP and ZeRO-3 shard the frozen base around our capture."""
+    how = "(from TrainingArguments or accelerate's environment, e.g. `accelerate launch --config_file ...`)"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            f"MultiTaskTrainer: FSDP is enabled {how}; it is not supported here (it would have to gather the sharded "
+            "base around our capture): use DDP or DeepSpeed ZeRO-0/1/2, or `ortho-lora train` with "
+            "distributed.engine: fsdp"
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        stage = getattr(plugin, "zero_stage", 0) or 0
+        if stage > 2:
+            raise ValueError(
+                f"MultiTaskTrainer: DeepSpeed ZeRO stage {stage} is enabled {how}; it partitions the frozen base: "
+                "stages 0-2 are supported (for a sharded base: `ortho-lora train` with distributed.engine: fsdp)"
+            )
+
+
 class MultiTaskMixin:
     """The per-task step for a ``transformers.Trainer`` subclass (see the module docstring)."""
 
@@ -98,6 +119,7 @@ class MultiTaskMixin:
     ) -> None:
         self._check_args(kwargs.get("args", args[1] if len(args) > 1 else None), strategy)
         super().__init__(*args, **kwargs)
+        check_built_state(self)
         self._setup_multitask(strategy, granularity, strategy_options, task_column, task_names, strategy_seed)
 
     def _check_args(self, args, strategy: str) -> None:

@@ -168,6 +168,15 @@ def test_refusals_name_the_problem(env, tmp_path):
     bad = Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2], "task": 1.5}])
     with pytest.raises(ValueError, match="ints or task names"):
         MultiTaskTrainer(model=model, args=targs, train_dataset=bad)
+    # accelerate's environment (what `accelerate launch` with a ZeRO-3 config sets), which TrainingArguments never
+    # shows: HF builds a ZeRO-3 DeepSpeed state from it (on CPU too); refused after HF built it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        mp.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        with pytest.raises(ValueError, match=r"ZeRO stage 3 is enabled \(from TrainingArguments or accelerate's env"):
+            zero3 = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+            assert zero3.deepspeed is None  # what the check before HF's __init__ sees
+            MultiTaskTrainer(model=model, args=zero3, train_dataset=ds)
     from trl import SFTConfig
 
     from ortho_lora_dist.integrations.trl import MultiTaskSFTTrainer
