@@ -394,7 +394,9 @@ def _exit_code(e: Exception) -> int | None:
         ),
     ):
         return 2
-    if isinstance(e, OSError):  # the machine refused (disk full, permissions, I/O): the run failed, one line
+    from ortho_lora_dist.runtime.fsutil import is_write_failure
+
+    if isinstance(e, OSError) or is_write_failure(e):  # the machine refused (disk full, permissions, I/O): one line
         return 1
     return None
 

@@ -33,6 +33,7 @@ from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import distributed as dist
 from ortho_lora_dist.runtime import run_files as rf
+from ortho_lora_dist.runtime.fsutil import is_write_failure
 from ortho_lora_dist.runtime.progress import progress
 from ortho_lora_dist.runtime.signals import StopSignals
 from ortho_lora_dist.training import checkpoint as ckpt
@@ -51,6 +52,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg, self.telemetry, self.run = cfg, None, RunDir(cfg.output_dir)
+        self.log_failure: Exception | None = None  # a failed metrics write, agreed on at the next step boundary
         self.stop = StopSignals()
         self.stop.install()  # while loading, a stop signal leaves at once: nothing is written yet
         try:
@@ -97,8 +99,25 @@ class Trainer:
             self.load_checkpoint()
 
     def _stop_agreed(self) -> bool:
-        """All ranks agree at the step boundary: stop if any rank got a stop signal."""
-        return not dist.all_ok(self.info, self.stop.received is None)
+        """All ranks agree at the step boundary (one all-reduce): stop if any rank got a stop signal; end the run on
+        every rank (exit 1, one line) if writing the logs failed on any rank (a full disk)."""
+        flags = torch.tensor([self.stop.received is not None, self.log_failure is not None], dtype=torch.float32)
+        stop, failed = (dist.sum_over_ranks(self.info, flags) > 0).tolist()
+        if failed:
+            raise ckpt.CheckpointWriteError(
+                f"writing the run's logs in {self.run.path} failed ({self.log_failure or 'on another rank'}); the "
+                "checkpoints are untouched: fix the cause (space, permissions), then run the same command with --resume"
+            )
+        return stop
+
+    def _log(self, record: dict, blocks: dict | None = None) -> None:
+        """A metrics.jsonl record (+ trackers); a failed write is kept for the next agreement (_stop_agreed)."""
+        try:
+            self.telemetry.log(record, blocks)
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            self.log_failure = self.log_failure or e
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -209,7 +228,7 @@ class Trainer:
             skipped_total=self.state.skipped_total,
             seconds_per_step=seconds / self.cfg.train.log_every,
         )
-        self.telemetry.log(record, blocks)
+        self._log(record, blocks)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, split: str, stop=None) -> EvalResult | None:
@@ -219,45 +238,64 @@ class Trainer:
     def _log_eval(self, result: EvalResult | None) -> None:
         record = eval_record(self.state.step, result) if self.info.main and self.telemetry is not None else None
         if record is not None:
-            self.telemetry.log(record)
+            self._log(record)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """checkpoints/step-N: adapter, engine state (replicated: rank 0; partitioned: every rank), RNG per rank,
-        then trainer_state.json with the checksums of all of it, then an atomic rename. A write that fails (disk
-        full, permissions) leaves the previous checkpoint the newest valid one: CheckpointWriteError (exit 1)."""
+        then trainer_state.json with the checksums of all of it, then an atomic rename. A write that fails on any rank
+        (a full disk, permissions) is known to every rank at the next agreement point, within seconds, and leaves the
+        previous checkpoint the newest valid one: CheckpointWriteError (exit 1) on every rank."""
         tmp = ckpt.staging_dir(self.run.path, self.state.step)
         try:
             self._write_checkpoint(tmp)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except ckpt.CheckpointWriteError as e:
+            if self.info.main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise ckpt.CheckpointWriteError(
                 f"writing checkpoint step {self.state.step} in {tmp.parent} failed ({e}); the previous checkpoints "
                 "are untouched: fix the cause (space, permissions), then run the same command with --resume"
             ) from None
+
+    def _agreed(self, write) -> None:
+        """Run ``write`` on this rank, then all ranks agree (one all-reduce, also the barrier) that every rank's
+        write succeeded; a write failure anywhere raises CheckpointWriteError on every rank."""
+        failure = None
+        try:
+            write()
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            failure = e
+        if not dist.all_ok(self.info, failure is None):
+            raise ckpt.CheckpointWriteError(str(failure) if failure is not None else "another rank's write failed")
 
     def _write_checkpoint(self, tmp) -> None:
         info, step = self.info, self.state.step
         self.state.last_saved_step = step
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier(info)
-        if info.main:
+        self._agreed(lambda: tmp.mkdir(parents=True) if info.main else None)
+        self._agreed(lambda: self._write_checkpoint_files(tmp, step))
+
+        def publish() -> None:
+            if info.main:
+                sampler, config = self.sampler.state_dict(), self.cfg.model_dump()
+                ckpt.write_state(tmp, self.state.to_checkpoint(sampler, info.world, self.names, config))
+                keep = self.cfg.train.keep_checkpoints
+                protect = self.state.resumed_from if self.state.written_checkpoints + 1 < keep else None
+                ckpt.publish(tmp, step, keep=keep, protect=protect)
+
+        self._agreed(publish)
+        self.state.written_checkpoints += 1
+
+    def _write_checkpoint_files(self, tmp, step: int) -> None:
+        if self.info.main:
             save_adapter(tmp, self.model, self.cfg, self.tasks, step, self.total_steps)
         self.engine.save_checkpoint(tmp)
-        if info.main:
+        if self.info.main:
             ckpt.save_torch_state(tmp / ckpt.OPTIMIZER, {**self.engine.state_dict(), "olr": self.olr.state_dict()})
-        ckpt.save_rng(tmp / ckpt.rng_file(info.rank), self.olr.order.generator.get_state())
-        dist.barrier(info)
-        if info.main:
-            state = self.state.to_checkpoint(self.sampler.state_dict(), info.world, self.names, self.cfg.model_dump())
-            ckpt.write_state(tmp, state)
-            self.state.written_checkpoints += 1
-            keep = self.cfg.train.keep_checkpoints
-            protect = self.state.resumed_from if self.state.written_checkpoints < keep else None
-            ckpt.publish(tmp, step, keep=keep, protect=protect)
-        dist.barrier(info)
+        ckpt.save_rng(tmp / ckpt.rng_file(self.info.rank), self.olr.order.generator.get_state())
 
     def load_checkpoint(self) -> None:
         """The newest checkpoint whose checksums verify (rank 0 picks it), after checking the config may resume it."""
@@ -300,8 +338,19 @@ class Trainer:
         state.check_usable(dist.all_ok(self.info, all(bool(torch.isfinite(p.detach()).all()) for p in params)))
         if state.last_saved_step != state.step:  # the final checkpoint: --resume can always redo what follows
             self.save_checkpoint()
+
+        def write_adapter() -> None:
+            if main:
+                save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
+
+        try:  # every rank learns of a failed write, instead of waiting in the evaluation's collectives
+            self._agreed(write_adapter)
+        except ckpt.CheckpointWriteError as e:
+            raise ckpt.CheckpointWriteError(
+                f"writing the adapter in {self.run.path} failed ({e}); checkpoint step {state.step} is complete: "
+                "fix the cause (space, permissions), then run the same command with --resume"
+            ) from None
         if main:
-            save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
             log.info(
                 "trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total, self.run.adapter
             )
@@ -331,6 +380,11 @@ class Trainer:
             raise TrainingFailed(
                 f"non-finite model outputs in evaluation of {', '.join(bad)} (metrics reported as null "
                 "in eval.json): the model diverged"
+            )
+        if self.log_failure is not None:  # the final evaluation's record: finished.json is not written without it
+            raise ckpt.CheckpointWriteError(
+                f"writing the run's logs in {self.run.path} failed ({self.log_failure}); adapter and checkpoint are "
+                "saved: fix the cause (space), then run the same command with --resume"
             )
         if main:
             self.run.mark_finished(state.step, self.total_steps)
