@@ -129,23 +129,27 @@ def test_packed_accumulation_equals_padded_batch(setting, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "engine, strategy, batch, accum, packing",
+    "engine, strategy, batch, accum, packing, ranks",
     [
-        ("ddp", "ortho", 2, 1, False),
-        ("fsdp", "ortho", 1, 2, False),
-        ("deepspeed", "ortho", 2, 1, True),
-        ("ddp", "famo", 2, 1, False),
+        ("ddp", "ortho", 2, 1, False, 2),
+        ("fsdp", "ortho", 1, 2, False, 2),
+        ("deepspeed", "ortho", 2, 1, True, 2),
+        ("ddp", "famo", 2, 1, False, 2),
+        ("ddp", "ortho", 1, 1, True, 4),
+        ("fsdp", "ortho", 1, 1, False, 4),
+        ("deepspeed", "ortho", 1, 1, False, 4),
     ],
 )
-def test_two_ranks_equal_one_process(setting, tmp_path, engine, strategy, batch, accum, packing):
-    """2 ranks x (batch x accum) == 1 process x 4 per task, answers of unequal length."""
+def test_n_ranks_equal_one_process(setting, tmp_path, engine, strategy, batch, accum, packing, ranks):
+    """N ranks x (batch x accum) == 1 process x 4 per task, answers of unequal length (2 and 4 gloo ranks; at 4 the
+    LoRA factors split into 4 uneven regions)."""
     ref = tmp_path / "ref"
     assert cli(["train", str(_config(setting, ref, 4, strategy=strategy))]) == 0
     out = tmp_path / engine
     path = _config(
         setting, out, batch, accum, strategy=strategy, train={"packing": packing}, distributed={"engine": engine}
     )
-    torchrun(["train", str(path)], tmp_path / f"{engine}.log")
+    torchrun(["train", str(path)], tmp_path / f"{engine}.log", ranks=ranks)
     _assert_same(_adapter(ref), _adapter(out))
     for a, b in zip(_losses(ref), _losses(out)):
         assert a.keys() == b.keys()

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def torchrun(args: list[str], log: Path) -> None:
+def torchrun(args: list[str], log: Path, ranks: int = 2) -> None:
     cmd = [
         str(Path(sys.executable).parent / "torchrun"),
         "--nproc_per_node",
-        "2",
+        str(ranks),
         "--master_port",
         str(free_port()),
         "-m",
