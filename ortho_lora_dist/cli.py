@@ -116,6 +116,13 @@ def _launch(args) -> int:
     return run(cmd, env)
 
 
+def _config(args) -> int:
+    from ortho_lora_dist.config.reference import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
 def _init(args) -> int:
     from ortho_lora_dist.scaffold import init_project
 
@@ -325,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the sampling and of the split (default 0; --llm: fixed seeds)"
     )
     d.set_defaults(func=_prepare_demo)
+
+    cf = sub.add_parser("config", help="print the configuration reference: every key, its type, default and meaning")
+    cf.set_defaults(func=_config)
     return p
 
 

@@ -29,11 +29,17 @@ def _cuda_bf16() -> bool:
 
 class Config(Strict):
     model: ModelConfig
+    """what to load"""
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
+    """the shared adapter"""
     tasks: list[TaskConfig]
+    """the tasks, one entry each (at least one)"""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """the optimisation, the multi-task rule, logging and checkpoints"""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """the engine across ranks"""
     output_dir: str = "runs/default"
+    """the run's folder (adapter/, checkpoints/, metrics.jsonl, eval.json, ...)"""
 
     @field_validator("tasks")
     @classmethod

@@ -19,25 +19,33 @@ class GenerationOptions(Strict):
 
 class TaskConfig(Strict):
     name: str
+    """the task's name (unique): in logs, eval.json, the adapter and predict's input"""
     dataset: str | None = Field(None, description="HF dataset id (loaded with datasets.load_dataset)")
     dataset_config: str | None = None
+    """the dataset's configuration name (e.g. main for openai/gsm8k)"""
     files: dict[Literal["train", "validation", "test"], str] | None = Field(
         None, description="local files: JSONL, JSON array (.json), CSV/TSV, Parquet, or a save_to_disk folder"
     )
     train_split: str = "train"
+    """the dataset's training split"""
     eval_split: str | None = Field(
         "validation", description="the dataset's validation split (null: none; or validation_fraction)"
     )
     test_split: str | None = None
+    """the dataset's test split (null: none); tables report test, choices use validation"""
     on_bad_record: Literal["error", "skip"] = Field(
         "error",
         description="a record that fails its format's checks: stop with an error naming its file and line (error), or "
         "leave it out, counted and the first one named in one warning per split (skip)",
     )
     text_field: str = "text"
+    """text / raw: the field with the text"""
     text_pair_field: str | None = None
+    """text: the second text of sequence-pair tasks (null: single texts)"""
     label_field: str = "label"
+    """text: the field with the label (a class, a number, or the answer text)"""
     type: Literal["classification", "regression", "generation"] = "classification"
+    """classification, regression (encoder) or generation (causal LM; every format but text)"""
     labels: list[str] | None = Field(None, description="label set (default: the labels seen in train, sorted)")
     metric: Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match", "loss"] = Field(
         "accuracy",
@@ -45,6 +53,7 @@ class TaskConfig(Strict):
         "(the default for alpaca and chat tasks: open-ended answers; set exact_match to generate and compare)",
     )
     loss_weight: float = Field(1.0, ge=0)
+    """w_t in sum_t w_t L_t (0: trained on by no one, evaluated only)"""
     sampling_weight: float = Field(1.0, gt=0, description="train.task_sampling weighted: p_t ~ sampling_weight")
     max_epochs: float | None = Field(
         None, gt=0, description="this task leaves the batches after max_epochs passes over its training set"
@@ -55,6 +64,7 @@ class TaskConfig(Strict):
         "'{text}\\nAnswer:'); alpaca: '{instruction}' / '{input}' (default: Alpaca's templates)",
     )
     label_words: dict[str, str] | None = None
+    """causal-lm classification: the answer text each label is scored as"""
     generation: GenerationOptions = Field(
         default_factory=GenerationOptions, description="generation tasks: max_new_tokens, stop"
     )
@@ -68,15 +78,19 @@ class TaskConfig(Strict):
         "default", description="answer normalisation before exact_match (list: comma-separated items)"
     )
     max_train_samples: int | None = Field(None, gt=0)
+    """use at most this many training records (the first ones)"""
     max_eval_samples: int | None = Field(None, gt=0)
+    """use at most this many validation and test records"""
     format: Literal[FORMAT_NAMES] = Field(
         "text",
         description="record layout (data/formats/): text (+pair) and label; alpaca instruction/input/output; chat "
         "messages; sharegpt conversations; prompt_completion (TRL's); raw documents (continued pre-training)",
     )
     instruction_field: str = "instruction"
+    """alpaca: the instruction field"""
     input_field: str = Field("input", description="alpaca: optional per record (missing or empty: no input)")
     output_field: str = "output"
+    """alpaca: the answer field"""
     messages_field: str | None = Field(
         None,
         description="chat: a list of {role, content} (default 'messages'); sharegpt: a list of {from, value} "

@@ -18,8 +18,12 @@ class TrainConfig(Strict):
     )
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
     granularity: Literal["factor", "module", "global"] = "factor"
+    """the blocks a rule combines per: factor (every lora_A / lora_B: the paper's), module, or global"""
     mode: Literal["one_backward", "reference"] = "one_backward"
+    """one_backward (all tasks' gradients from one backward) or reference (T backward passes: slow, for checks)"""
     reduce: Literal["auto", "step", "eager"] = "auto"
+    """when per-task gradients are reduced across ranks: step (once per step), eager (per factor as the backward
+    completes it), auto (eager with several ranks)"""
     bucket_mb: float = Field(
         25.0,
         gt=0,
@@ -30,11 +34,17 @@ class TrainConfig(Strict):
         "float32", description="dtype of the per-task gradient buffer (bfloat16: half its memory; Grams stay fp32/fp64)"
     )
     lr: float = Field(5e-4, gt=0)
+    """AdamW learning rate"""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after the warm-up"""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """share of the steps with a linear warm-up"""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay"""
     epochs: float | None = Field(None, gt=0)
+    """length in epochs (default 1; see the epoch plan logged at start); or steps"""
     steps: int | None = Field(None, gt=0)
+    """length in optimizer steps; or epochs"""
     per_task_batch_size: int = Field(
         32,
         gt=0,
@@ -55,6 +65,7 @@ class TrainConfig(Strict):
     )
     temperature: float = Field(2.0, gt=0, description="task_sampling temperature: p_t ~ n_t^(1/temperature)")
     gradient_accumulation: int = Field(1, gt=0)
+    """micro-batches per optimizer step (the losses stay exact token means of the step)"""
     init_adapter: str | None = Field(
         None,
         description="warm start: LoRA weights (and task heads, matched by task name) of a saved adapter folder "
@@ -62,6 +73,7 @@ class TrainConfig(Strict):
         "checkpoint",
     )
     gradient_checkpointing: bool = False
+    """activation checkpointing: less memory, one more forward"""
     packing: bool = Field(
         False,
         description="causal-lm: pack each micro-batch's samples into rows of at most model.max_length tokens, "
@@ -69,12 +81,17 @@ class TrainConfig(Strict):
     )
     max_grad_norm: float = Field(0.0, ge=0, description="0: no clipping")
     seed: int = 0
+    """seed of the data order, the task order and the initial LoRA weights"""
     log_every: int = Field(10, gt=0)
+    """steps between metrics.jsonl records"""
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end / on signal)")
     keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept (0: all); the one resumed from is kept")
     eval_every: int = Field(0, ge=0)
+    """steps between validation evaluations (0: at the end only)"""
     max_consecutive_skips: int = Field(10, gt=0)
+    """steps with a non-finite gradient in a row after which the run stops"""
     plots: bool = True
+    """draw the run's plots at the end"""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="trackers besides metrics.jsonl (always written): "
@@ -126,5 +143,8 @@ def missing_trackers(report_to) -> list[str]:
 
 class DistributedConfig(Strict):
     engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    """ddp, deepspeed (ZeRO-2) or fsdp (FSDP2, shards the frozen base)"""
     deepspeed_config: str = "ds_configs/zero2.json"
+    """the DeepSpeed JSON (engine deepspeed); batch sizes and clipping are set from train"""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """process-group backend (auto: nccl on GPUs, gloo on CPUs)"""

@@ -1,4 +1,4 @@
-"""bench/comm_memory.py --measure on 2 gloo ranks: the README's measured traffic rows come from it. Per-task rules
+"""bench/comm_memory.py --measure on 2 gloo ranks: the measured traffic rows of docs/results.md come from it. Per-task rules
 send (T + 1)/2 x joint's bytes, a loss-only rule exactly joint's."""
 
 import json
