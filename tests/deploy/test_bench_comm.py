@@ -1,5 +1,5 @@
-"""bench/comm_memory.py --measure on 2 gloo ranks: the measured traffic rows of docs/results.md come from it. Per-task rules
-send (T + 1)/2 x joint's bytes, a loss-only rule exactly joint's."""
+"""bench/comm_memory.py --measure on 2 gloo ranks: the measured traffic rows of docs/results.md come from it.
+Per-task rules send (T + 1)/2 x joint's bytes, a loss-only rule exactly joint's."""
 
 import json
 import os
