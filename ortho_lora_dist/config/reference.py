@@ -13,7 +13,7 @@ from pydantic_core import PydanticUndefined
 from ortho_lora_dist.config.model import LoraConfigModel, ModelConfig
 from ortho_lora_dist.config.schema import CAUSAL_LM_DEFAULTS, Config
 from ortho_lora_dist.config.task import GenerationOptions, TaskConfig
-from ortho_lora_dist.config.train import DistributedConfig, TrainConfig
+from ortho_lora_dist.config.train import DistributedConfig, TrackingConfig, TrainConfig
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model", ModelConfig),
@@ -21,6 +21,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("tasks[N]", TaskConfig),
     ("tasks[N].generation", GenerationOptions),
     ("train", TrainConfig),
+    ("train.tracking", TrackingConfig),
     ("distributed", DistributedConfig),
 ]
 

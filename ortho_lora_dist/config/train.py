@@ -10,6 +10,22 @@ from pydantic import Field, field_validator, model_validator
 from ortho_lora_dist.config.base import Strict
 
 
+class TrackingConfig(Strict):
+    """Names for the trackers of train.report_to; unset keys leave the trackers' own environment variables in force
+    (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS; MLFLOW_EXPERIMENT_NAME)."""
+
+    project: str | None = None
+    """W&B project / MLflow experiment (default: WANDB_PROJECT, else ortho-lora; MLflow: its default experiment)"""
+    entity: str | None = None
+    """W&B entity (team or user)"""
+    run_name: str | None = None
+    """the run's name (default: WANDB_NAME, else the output folder's name)"""
+    group: str | None = None
+    """W&B group (MLflow: a tag 'group'), e.g. one per comparison"""
+    tags: list[str] = Field(default_factory=list)
+    """W&B tags (MLflow: tags with value 'true')"""
+
+
 class TrainConfig(Strict):
     strategy: str = Field(
         "joint",
@@ -92,6 +108,8 @@ class TrainConfig(Strict):
     """steps with a non-finite gradient in a row after which the run stops"""
     plots: bool = True
     """draw the run's plots at the end"""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """project, entity, run name, group and tags of the trackers"""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="trackers besides metrics.jsonl (always written): "

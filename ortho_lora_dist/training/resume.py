@@ -34,6 +34,7 @@ MUTABLE = (
     r"distributed\.backend",
     r"train\.report_to(?:\.\d+)?",
     r"train\.bucket_mb",
+    r"train\.tracking\..*",  # the trackers' names: the resumed run continues the same tracker runs
     r"train\.packing",  # the same samples and math either way (float rounding aside)
 )
 _MUTABLE = re.compile("|".join(f"(?:{m})" for m in MUTABLE))

@@ -67,14 +67,23 @@ class _TensorBoard:
         self.writer.close()
 
 
+def _tracking(config: dict | None) -> dict:
+    """train.tracking of the run's config (empty for configs written before it existed)."""
+    return ((config or {}).get("train") or {}).get("tracking") or {}
+
+
 class _WandB:
     def __init__(self, out: Path, run_id: str | None, config: dict | None) -> None:
         import wandb
 
         self.wandb = wandb
+        names = _tracking(config)
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "ortho-lora"),
-            name=out.name,
+            project=names.get("project") or os.environ.get("WANDB_PROJECT", "ortho-lora"),
+            entity=names.get("entity"),  # None: WANDB_ENTITY / the user's default
+            name=names.get("run_name") or os.environ.get("WANDB_NAME") or out.name,
+            group=names.get("group"),  # None: WANDB_RUN_GROUP
+            tags=names.get("tags") or None,  # None: WANDB_TAGS
             dir=str(out),
             config=config,
             id=run_id,
@@ -98,8 +107,15 @@ class _MLflow:
         import mlflow
 
         self.mlflow = mlflow
+        names = _tracking(config)
+        tags = {t: "true" for t in names.get("tags") or []} | ({"group": names["group"]} if names.get("group") else {})
         try:
-            run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=out.name)
+            if names.get("project") and not run_id and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+                mlflow.set_experiment(names["project"])
+            if run_id:
+                run = mlflow.start_run(run_id=run_id)
+            else:
+                run = mlflow.start_run(run_name=names.get("run_name") or out.name, tags=tags or None)
         except Exception as e:
             raise TrackerError(
                 f"train.report_to: mlflow cannot start a run at {mlflow.get_tracking_uri()!r} ({e}); "

@@ -66,3 +66,39 @@ def test_report_to_none_writes_metrics_only(env, tmp_path):  # noqa: F811
         and not (out / "tensorboard").exists()
         and not (out / "trackers.json").exists()
     )
+
+
+@pytest.mark.slow
+def test_tracking_names_reach_wandb_and_mlflow(tmp_path, monkeypatch):
+    """train.tracking's project, run name, group and tags reach the trackers; unset, WANDB_NAME is honoured (the
+    output folder's name only as the last resort)."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    from ortho_lora_dist.training.telemetry import Telemetry
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking = {"project": "mixtures", "run_name": "qwen-joint", "group": "compare-1", "tags": ["qlora", "joint"]}
+    config = {"model": {"name_or_path": "m"}, "train": {"strategy": "joint", "tracking": tracking}, "tasks": []}
+    t = Telemetry(tmp_path / "a", ["x"], True, report_to=["wandb", "mlflow"], config=config)
+    run = t.trackers["wandb"].run
+    assert (run.project, run.name, run.group, set(run.tags)) == (
+        "mixtures",
+        "qwen-joint",
+        "compare-1",
+        {"qlora", "joint"},
+    )
+    got = mlflow.tracking.MlflowClient().get_run(t.trackers["mlflow"].id)
+    assert (
+        got.info.run_name == "qwen-joint" and got.data.tags["group"] == "compare-1" and got.data.tags["qlora"] == "true"
+    )
+    assert mlflow.get_experiment(got.info.experiment_id).name == "mixtures"
+    t.close()
+    monkeypatch.setenv("WANDB_NAME", "from-env")
+    t = Telemetry(tmp_path / "b", ["x"], True, report_to=["wandb"], config={"train": {}})
+    assert t.trackers["wandb"].run.name == "from-env"
+    t.close()
