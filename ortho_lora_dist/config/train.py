@@ -39,7 +39,7 @@ class TrainConfig(Strict):
     """one_backward (all tasks' gradients from one backward) or reference (T backward passes: slow, for checks)"""
     reduce: Literal["auto", "step", "eager"] = "auto"
     """when per-task gradients are reduced across ranks: step (once per step), eager (per factor as the backward
-    completes it), auto (eager with several ranks)"""
+    completes it), auto (eager without accumulation, step with accumulation when its buffer fits; logged at start)"""
     bucket_mb: float = Field(
         25.0,
         gt=0,

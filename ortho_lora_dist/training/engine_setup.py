@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -9,14 +11,48 @@ from ortho_lora_dist.config import Config, ConfigError
 from ortho_lora_dist.core.engines.base import Engine, TorchEngine, broadcast_trainable_
 from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
 from ortho_lora_dist.core.step import OrthoLoRA
+from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
 from ortho_lora_dist.runtime.distributed import DistInfo
 from ortho_lora_dist.training.ds_config import load_ds_config
+
+log = logging.getLogger("ortho_lora_dist")
+
+
+STEP_BUFFER_BUDGET = 2 * 1024**3  # bytes per rank a whole-step per-task buffer may take before auto prefers eager
+
+
+def choose_reduce(world: int, accum: int, tasks: int, params: int, value_bytes: int) -> tuple[str, str]:
+    """(policy, why) for train.reduce: auto. With one rank nothing is reduced: step. With N ranks, eager reduces each
+    factor's T per-task gradients as the backward completes it (T x P / N owned per rank) but once per MICRO-batch;
+    step keeps the whole T x P buffer and reduces once per optimizer step. So: eager without accumulation (the same
+    bytes, less memory); with accumulation k > 1, step when its buffer fits STEP_BUFFER_BUDGET (k times fewer bytes)."""
+    buffer = tasks * params * value_bytes
+    if world == 1:
+        return "step", "one rank: nothing to reduce"
+    per_step = {"step": buffer, "eager": accum * buffer}
+    choice = "step" if accum > 1 and buffer <= STEP_BUFFER_BUDGET else "eager"
+    mb = 1024**2
+    why = (
+        f"{accum} micro-batch(es) per step, per-task buffer T x P = {tasks} x {params:,} values = "
+        f"{buffer / mb:,.1f} MB per rank: {per_step[choice] / mb:,.1f} MB reduced per optimizer step per rank "
+        f"(the other policy: {per_step['eager' if choice == 'step' else 'step'] / mb:,.1f} MB"
+        + (", but a whole-step buffer over the budget" if choice == "eager" and accum > 1 else "")
+        + ")"
+    )
+    return choice, why
 
 
 def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo) -> OrthoLoRA:
     """The step: strategy, granularity, capture mode and reduction of ``train``; norm_balance's default preferences."""
     tc = cfg.train
-    reduce = tc.reduce if tc.reduce != "auto" else ("eager" if info.world > 1 else "step")
+    reduce = tc.reduce
+    if reduce == "auto":
+        params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        grad_tasks = 1 if tc.strategy in LOSS_STRATEGIES else len(cfg.tasks)
+        value_bytes = 2 if tc.buffer_dtype == "bfloat16" else 4
+        reduce, why = choose_reduce(info.world, tc.gradient_accumulation, grad_tasks, params, value_bytes)
+        if info.main and info.world > 1:
+            log.info("train.reduce: %s (auto: %s)", reduce, why)
     options = dict(tc.strategy_options)
     if tc.strategy == "norm_balance" and "pref_vector" not in options:  # loss weights = target norm shares
         # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)

@@ -150,8 +150,21 @@ def test_n_ranks_equal_one_process(setting, tmp_path, engine, strategy, batch, a
         setting, out, batch, accum, strategy=strategy, train={"packing": packing}, distributed={"engine": engine}
     )
     torchrun(["train", str(path)], tmp_path / f"{engine}.log", ranks=ranks)
+    policy = "step" if accum > 1 else "eager"  # reduce: auto, logged with the bytes per step
+    assert f"train.reduce: {policy} (auto: {accum} micro-batch(es) per step" in (tmp_path / f"{engine}.log").read_text()
     _assert_same(_adapter(ref), _adapter(out))
     for a, b in zip(_losses(ref), _losses(out)):
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-5)
+
+
+def test_reduce_auto_follows_accumulation_and_memory():
+    from ortho_lora_dist.training.engine_setup import STEP_BUFFER_BUDGET, choose_reduce
+
+    assert choose_reduce(1, 4, 5, 1000, 4)[0] == "step"
+    assert choose_reduce(8, 1, 5, 1000, 4)[0] == "eager"  # the same bytes either way, eager holds less
+    policy, why = choose_reduce(8, 4, 5, 40_000_000, 4)  # the 7B template's adapter, 5 tasks, fp32: 763 MB
+    assert policy == "step" and "762.9 MB reduced per optimizer step" in why and "3,051.8 MB" in why
+    too_big = STEP_BUFFER_BUDGET // (5 * 4) + 1
+    assert choose_reduce(8, 4, 5, too_big, 4)[0] == "eager"
