@@ -116,6 +116,17 @@ def _launch(args) -> int:
     return run(cmd, env)
 
 
+def _diagnose(args) -> int:
+    from ortho_lora_dist.config import load_config
+    from ortho_lora_dist.study.diagnose import diagnose
+
+    report = diagnose(load_config(args.config, args.overrides), steps=args.steps)
+    if "written" in report:
+        print("\n".join(report["verdict"]))
+        print(f"written: {report['written']}")
+    return 0
+
+
 def _config(args) -> int:
     from ortho_lora_dist.config.reference import reference_markdown
 
@@ -332,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the sampling and of the split (default 0; --llm: fixed seeds)"
     )
     d.set_defaults(func=_prepare_demo)
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="a short joint run that separates each task's gradient signal from its noise: true conflicts, noise "
+        "scales, and whether a rule has anything to act on (OUTPUT_DIR-diagnose/diagnose.json)",
+    )
+    dg.add_argument("config")
+    dg.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    dg.add_argument("--steps", type=_positive, default=30, help="steps of the window (default 30)")
+    dg.set_defaults(func=_diagnose)
 
     cf = sub.add_parser("config", help="print the configuration reference: every key, its type, default and meaning")
     cf.set_defaults(func=_config)

@@ -42,13 +42,14 @@ def choose_reduce(world: int, accum: int, tasks: int, params: int, value_bytes: 
     return choice, why
 
 
-def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo) -> OrthoLoRA:
-    """The step: strategy, granularity, capture mode and reduction of ``train``; norm_balance's default preferences."""
+def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, groups: int | None = None) -> OrthoLoRA:
+    """The step: strategy, granularity, capture mode and reduction of ``train``; norm_balance's default preferences.
+    ``groups``: capture that many groups instead of the tasks (2T halves, joint: study/diagnose.py)."""
     tc = cfg.train
     reduce = tc.reduce
     if reduce == "auto":
         params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-        grad_tasks = 1 if tc.strategy in LOSS_STRATEGIES else len(cfg.tasks)
+        grad_tasks = 1 if tc.strategy in LOSS_STRATEGIES else groups or len(cfg.tasks)
         value_bytes = 2 if tc.buffer_dtype == "bfloat16" else 4
         reduce, why = choose_reduce(info.world, tc.gradient_accumulation, grad_tasks, params, value_bytes)
         if info.main and info.world > 1:
@@ -58,16 +59,16 @@ def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo) -> OrthoLoRA
         # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)
         options["pref_vector"] = [t.loss_weight if t.loss_weight > 0 else 1.0 for t in cfg.tasks]
     try:
-        return _ortho_lora(cfg, model, info, reduce, options)
+        return _ortho_lora(cfg, model, info, reduce, options, groups or len(cfg.tasks))
     except ValueError as e:  # what the capture or the strategy refuses is the config's doing: one line, exit 2
         raise ConfigError(str(e)) from None
 
 
-def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, options: dict) -> OrthoLoRA:
+def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, options: dict, groups: int) -> OrthoLoRA:
     tc = cfg.train
     return OrthoLoRA(
         model,
-        len(cfg.tasks),
+        groups,
         strategy=tc.strategy,
         strategy_options=options,
         granularity=tc.granularity,

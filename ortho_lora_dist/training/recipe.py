@@ -29,6 +29,7 @@ from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
 from ortho_lora_dist.evaluation.report import eval_report, print_table, scores
 from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
+from ortho_lora_dist.models.lm_head import labelled_tasks
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import distributed as dist
@@ -50,7 +51,9 @@ log = logging.getLogger("ortho_lora_dist")
 class Trainer:
     """One training run of ``cfg`` into ``cfg.output_dir``; ``resume``: continue from its newest valid checkpoint."""
 
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, halves: bool = False) -> None:
+        """``halves``: capture every task's two halves apart (2T groups, joint training; study/diagnose.py)."""
+        self.halves = halves
         self.cfg, self.telemetry, self.run = cfg, None, RunDir(cfg.output_dir)
         self.log_failure: Exception | None = None  # a failed metrics write, agreed on at the next step boundary
         self.stop = StopSignals()
@@ -73,7 +76,8 @@ class Trainer:
         self.run.claim_everywhere(self.info, resume)
         torch.manual_seed(tc.seed)
         self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world, tokenizer)
-        self.olr = build_ortho_lora(cfg, self.model, self.info)
+        self.olr = build_ortho_lora(cfg, self.model, self.info, groups=2 * len(self.tasks) if self.halves else None)
+        self.group_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # halves: the last step's (tokens, samples)
         sizes = [len(t.splits["train"]) for t in self.tasks]
         self.sampler = MultiTaskSampler(
             sizes,
@@ -204,17 +208,47 @@ class Trainer:
         counts = dist.sum_over_ranks(self.info, torch.stack([self.model.task_counts(b) for b in batches]))
         step_counts = counts.sum(0)  # [T] labelled units of the whole step
         losses = torch.zeros(len(self.tasks))
+        if self.halves:
+            batches = [self._halved(b) for b in batches]
+            groups = torch.stack([self._group_counts(b) for b in batches]).sum(0)
+            self.group_counts = tuple(dist.sum_over_ranks(self.info, groups))
         for batch, micro_counts in zip(batches, counts):
             # per token when packed; a LoRA lm_head sees the labelled positions only: their tasks
             self.olr.set_tasks(batch.get("token_task_ids", batch["task_ids"]), batch.get("labelled_task_ids"))
-            sums, _ = self.model.task_loss_sums(batch)
+            sums, _ = self.model.task_loss_sums({**batch, **batch.get("tasks_of", {})})
             parts = step_mean_part(sums, step_counts, self.info.world)
             losses += parts.detach().float().cpu()
             share = micro_counts / step_counts.clamp_min(1)
+            if self.halves:  # task t's loss on group 2t; the capture splits its gradient by the halves' rows
+                parts = torch.stack([parts, torch.zeros_like(parts)], 1).reshape(-1)
+                self.olr.backward(parts, self.loss_weights.repeat_interleave(2))
+                continue
             self.olr.backward(parts, self.loss_weights, share=share)
         result = self.olr.project()
         self.engine.apply(result)
         return result, losses
+
+    def _halved(self, batch: dict) -> dict:
+        """The batch with capture groups 2t + (the row's position among task t's rows, mod 2); the model's loss
+        still reads the real task ids (``tasks_of``)."""
+        tasks = batch["task_ids"]
+        position = torch.zeros_like(tasks)
+        for t in tasks.unique():
+            rows = (tasks == t).nonzero().flatten()
+            position[rows] = torch.arange(rows.numel(), device=tasks.device)
+        groups = 2 * tasks + position % 2
+        halved = {**batch, "task_ids": groups, "tasks_of": {"task_ids": tasks}}
+        if "labelled_task_ids" in batch:
+            halved["labelled_task_ids"] = labelled_tasks(batch["labels"], groups)
+            halved["tasks_of"]["labelled_task_ids"] = batch["labelled_task_ids"]
+        return halved
+
+    def _group_counts(self, batch: dict) -> torch.Tensor:
+        """[2, 2T]: labelled units and samples of every half-group in ``batch`` (this rank)."""
+        G = 2 * len(self.tasks)
+        units = self.model.task_counts({**batch, "labelled_task_ids": batch.get("labelled_task_ids")})
+        samples = torch.bincount(batch["task_ids"].cpu(), minlength=G).double()
+        return torch.stack([torch.nn.functional.pad(units, (0, G - units.numel())), samples])
 
     def _log_step(self, result: StepResult, losses: torch.Tensor, seconds: float) -> None:
         record, blocks = step_record(
