@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a short joint run that separates each task's gradient signal from its noise: true conflicts, noise "
         "scales, and whether a rule has anything to act on (OUTPUT_DIR-diagnose/diagnose.json)",
     )
-    dg.add_argument("config")
+    dg.add_argument("config", help="the run's YAML (its tasks, data, model and batch: what the diagnose run reads)")
     dg.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     dg.add_argument("--steps", type=_positive, default=30, help="steps of the window (default 30)")
     dg.set_defaults(func=_diagnose)

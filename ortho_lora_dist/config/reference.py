@@ -3,7 +3,6 @@ cannot drift: ``ortho-lora config`` prints it, docs/reference/config.md is it (a
 
 from __future__ import annotations
 
-import json
 import re
 import typing
 
@@ -14,6 +13,7 @@ from ortho_lora_dist.config.model import LoraConfigModel, ModelConfig
 from ortho_lora_dist.config.schema import CAUSAL_LM_DEFAULTS, Config
 from ortho_lora_dist.config.task import GenerationOptions, TaskConfig
 from ortho_lora_dist.config.train import DistributedConfig, TrackingConfig, TrainConfig
+from ortho_lora_dist.runtime import jsonio
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model", ModelConfig),
@@ -52,7 +52,7 @@ def _default(field) -> str:
     value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return "(its section)"
-    return "`" + json.dumps(value).replace("|", "\\|") + "`"
+    return "`" + jsonio.dumps(value).replace("|", "\\|") + "`"
 
 
 def _rows(cls: type[BaseModel]) -> list[str]:

@@ -57,3 +57,32 @@ class TaskCollator:
         else:
             batch[self.key] = torch.tensor(tasks)
         return batch
+
+
+class TaskBalancedSampler(torch.utils.data.Sampler):
+    """Indices in runs of T, one sample of every task per run, each task's samples in a seeded reshuffle per pass;
+    an epoch is one pass over the LARGEST task (smaller ones cycle), as ``ortho-lora train``'s equal sampling."""
+
+    def __init__(self, tasks: Sequence[int], seed: int = 0) -> None:
+        self.by_task: dict[int, list[int]] = {}
+        for i, t in enumerate(tasks):
+            self.by_task.setdefault(t, []).append(i)
+        self.seed, self.epoch = seed, 0
+        self.longest = max(len(v) for v in self.by_task.values())
+
+    def __len__(self) -> int:
+        return self.longest * len(self.by_task)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        streams = []
+        for t in sorted(self.by_task):
+            rows = self.by_task[t]
+            order: list[int] = []
+            while len(order) < self.longest:
+                order += [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
+            streams.append(order[: self.longest])
+        for k in range(self.longest):
+            for stream in streams:
+                yield stream[k]

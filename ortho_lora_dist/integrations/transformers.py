@@ -43,7 +43,7 @@ from ortho_lora_dist.core.engines.deepspeed_engine import surrogate_loss
 from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import OrthoLoRA
 from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
-from ortho_lora_dist.integrations.tasks import TaskCollator, task_index
+from ortho_lora_dist.integrations.tasks import TaskBalancedSampler, TaskCollator, task_index
 from ortho_lora_dist.models.lm_head import labelled_tasks, labelled_token_losses
 
 STATE_FILE = "ortho_lora_state.pt"
@@ -115,8 +115,10 @@ class MultiTaskMixin:
         task_column: str = "task",
         task_names: Sequence[str] | None = None,
         strategy_seed: int | None = None,
+        task_balanced: bool = False,
         **kwargs,
     ) -> None:
+        self.task_balanced = task_balanced
         self._check_args(kwargs.get("args", args[1] if len(args) > 1 else None), strategy)
         super().__init__(*args, **kwargs)
         check_built_state(self)
@@ -146,6 +148,7 @@ class MultiTaskMixin:
             raise ValueError("MultiTaskTrainer: train_dataset is required")
         self.task_column = task_column
         self.task_names, index = task_index(self.train_dataset, task_column, task_names)
+        self._task_of = index
         T = len(self.task_names)
         comm = DistComm() if _world() > 1 else None
         try:
@@ -166,6 +169,50 @@ class MultiTaskMixin:
         self._logged: dict[str, list[float]] = {}
 
     # -- HF's hooks -------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, *args, **kwargs):
+        """``task_balanced``: every run of T consecutive samples holds one of each task (each task's samples
+        reshuffled per pass, smaller tasks cycling), so every batch sees every task; else HF's random sampler."""
+        if not self.task_balanced:
+            return super()._get_train_sampler(*args, **kwargs)
+        return TaskBalancedSampler([self._task_of[v] for v in self.train_dataset[self.task_column]], self.args.seed)
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """Evaluation on an ``eval_dataset`` with the task column: the loss of every batch, and each task's token
+        loss sums and counts, for ``eval_loss/TASK`` (the mean over the task's labelled tokens of the whole set)."""
+        task_ids = inputs.pop(TASK_KEY, None)
+        if task_ids is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, _ = labelled_token_losses(self.model, labels, **inputs)
+        tasks = labelled_tasks(labels, task_ids).to(loss.device)
+        T = len(self.task_names)
+        sums = torch.zeros(T, dtype=torch.float64, device=loss.device).index_add(0, tasks, loss.double())
+        counts = torch.bincount(tasks, minlength=T).double()
+        self._eval_sums += torch.stack([sums.cpu(), counts.cpu()])
+        mean = loss.mean().detach() if loss.numel() else loss.new_zeros(())
+        return mean, None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """HF's evaluation, plus ``{prefix}_loss/TASK`` per task (token-weighted over the whole set and all ranks)."""
+        self._eval_sums = torch.zeros(2, len(self.task_names), dtype=torch.float64)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        sums = self._eval_sums
+        if _world() > 1:
+            sums = sums.to(self.args.device)
+            torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+        per_task = {
+            f"{metric_key_prefix}_loss/{name}": float(sums[0, t] / sums[1, t])
+            for t, name in enumerate(self.task_names)
+            if sums[1, t] > 0
+        }
+        if per_task:
+            metrics.update(per_task)
+            self.log(per_task)
+        return metrics
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self.task_column not in self._signature_columns:

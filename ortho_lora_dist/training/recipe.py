@@ -350,11 +350,15 @@ class Trainer:
             self.olr.load_state_dict(torch_state["olr"])
         self.olr.order.generator.set_state(ckpt.restore_rng(found, info.rank))
         if saved["world_size"] != info.world and info.main:
+            drawn = self.cfg.train.task_sampling != "equal"
             log.warning(
-                "resuming a %d-rank checkpoint on %d ranks (same global batch): the sample sequence is the "
-                "same; dropout masks are drawn anew",
+                "resuming a %d-rank checkpoint on %d ranks (same global batch): %s; dropout masks are drawn anew",
                 saved["world_size"],
                 info.world,
+                "the task shares are drawn per rank, so the samples from here differ from an uninterrupted run's "
+                "(the same distribution)"
+                if drawn
+                else "the sample sequence is the same",
             )
         self.sampler.load_state_dict(saved["sampler"])
         self.state = TrainState.from_checkpoint(saved, found)

@@ -5,7 +5,8 @@ Changeable on resume (they do not alter what the finished steps computed):
   train.checkpoint_every, train.keep_checkpoints, train.plots, train.report_to, train.max_consecutive_skips,
   train.bucket_mb (groups the same sums into other collectives),
   train.per_task_batch_size together with the number of ranks when the global batch
-  (ranks x per_task_batch_size) stays the same (task_sampling equal only), tasks.N.max_eval_samples, output_dir,
+  (ranks x per_task_batch_size) stays the same (with drawn task shares the samples from there on differ from an
+  uninterrupted run's; DeepSpeed keeps its own number of ranks), tasks.N.max_eval_samples, output_dir,
   distributed.backend.
 Everything else (model, LoRA, tasks and their order, data, strategy, lr, schedule, seed, engine, ...)
 must be equal: a difference is refused with one error listing every differing key and both values.
@@ -90,14 +91,6 @@ def check_resume(saved: dict, current: dict, saved_world: int, world: int, where
             + "\n".join(diffs)
             + "\nput those keys back (only steps/epochs, logging, eval and checkpoint frequency may change), "
             "or start a new output_dir"
-        )
-    sampling = current["train"].get("task_sampling", "equal")
-    if sampling != "equal" and saved_world != world:
-        raise ResumeMismatch(
-            f"--resume: {where} was trained on {saved_world} ranks with train.task_sampling {sampling!r}, whose "
-            f"per-micro-batch task shares are drawn per rank (per_task_batch_size x tasks samples): resume it on "
-            f"{saved_world} ranks, or warm-start a new run on any number of ranks from its adapter "
-            "(train.init_adapter: OUTPUT_DIR/adapter, a new optimizer)"
         )
     old_batch = saved["train"]["per_task_batch_size"] * saved_world
     new_batch = current["train"]["per_task_batch_size"] * world

@@ -242,3 +242,49 @@ def test_two_ranks_equal_one_process(env, tmp_path, strategy, engine):
     la, lb = (json.loads((tmp_path / d / "log.json").read_text()) for d in ("ddp", "single"))
     for x, y in zip(la[:-1], lb[:-1], strict=True):
         assert all(abs(x[f"loss/{t}"] - y[f"loss/{t}"]) < 1e-5 for t in TASKS)
+
+
+def test_per_task_eval_loss_from_eval_dataset(env, tmp_path):
+    """trainer.evaluate() on an eval_dataset with the task column: eval_loss/TASK == the mean over the task's
+    labelled tokens of the model's own full-logits token losses (1e-5)."""
+    import torch.nn.functional as F
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from ortho_lora_dist.integrations.transformers import MultiTaskTrainer
+
+    a = args(env, tmp_path)
+    tok = hf_worker.tokenizer(a.model)
+    train, held_out = hf_worker.hf_dataset(tok, 8), hf_worker.hf_dataset(tok, 11)
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4)
+    model = hf_worker.build_model(a.model)
+    collator = DataCollatorForSeq2Seq(tok, padding=True)
+    trainer = MultiTaskTrainer(
+        model=model, args=targs, train_dataset=train, eval_dataset=held_out, data_collator=collator, strategy="joint"
+    )
+    metrics = trainer.evaluate()
+    want: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for row in held_out:
+            ids = torch.tensor([row["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            target = torch.tensor(row["labels"][1:])
+            keep = target != -100
+            want.setdefault(row["task"], []).extend(
+                F.cross_entropy(logits[keep], target[keep], reduction="none").tolist()
+            )
+    assert set(want) == set(TASKS)
+    for name, values in want.items():
+        assert metrics[f"eval_loss/{name}"] == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+
+def test_task_balanced_sampler_puts_every_task_in_every_run_of_t():
+    from ortho_lora_dist.integrations.tasks import TaskBalancedSampler
+
+    tasks = [0] * 10 + [1] * 3 + [2] * 1
+    sampler = TaskBalancedSampler(tasks, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 30  # the largest task's 10, times 3 tasks
+    for k in range(0, 30, 3):
+        assert sorted(tasks[i] for i in order[k : k + 3]) == [0, 1, 2]
+    assert sorted(i for i in order if tasks[i] == 0) == list(range(10))  # the largest task once per epoch
+    assert list(sampler) != order  # reshuffled every epoch
