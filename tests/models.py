@@ -214,3 +214,20 @@ def write_app_tasks(root, n_train: int = 64, n_eval: int = 24) -> dict:
             p.write_text("".join(json.dumps(gen()) + "\n" for _ in range(n)))
             out[name][split] = str(p)
     return out
+
+
+def without_dropout(cfg: dict, where) -> None:
+    """``cfg`` (a run's YAML as a dict) edited to train its model copied to ``where`` with hidden and attention dropout
+    0, and LoRA dropout 0: dropout masks are per-rank random streams, so only without them can N ranks equal one
+    process exactly."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    where = Path(where)
+    shutil.copytree(cfg["model"]["name_or_path"], where)
+    mc = json.loads((where / "config.json").read_text())
+    mc.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (where / "config.json").write_text(json.dumps(mc))
+    cfg["model"]["name_or_path"] = str(where)
+    cfg["lora"]["dropout"] = 0.0

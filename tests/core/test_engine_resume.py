@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.app.test_app import make_config
 from tests.core.test_distributed import free_port
+from tests.models import without_dropout
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -68,21 +69,13 @@ def test_resume_is_bitwise(engine, env, tmp_path):  # noqa: F811
 
 def test_resume_on_a_different_number_of_ranks(env, tmp_path):  # noqa: F811
     """2 ranks x batch 2 for 3 steps, then 1 process x batch 4 to step 6 == 1 process x batch 4 throughout (1e-5)."""
-    import json
 
     from ortho_lora_dist.cli import main as cli
 
     common = dict(plots=False, schedule="constant")
     full = make_config(env, tmp_path / "full", steps=6, **common)
     cfg = yaml.safe_load(full.read_text())
-    # dropout masks are per-rank random streams (equal only in distribution): no dropout anywhere here
-    cfg["lora"]["dropout"] = 0.0
-    model = tmp_path / "bert-no-dropout"
-    shutil.copytree(cfg["model"]["name_or_path"], model)
-    mc = json.loads((model / "config.json").read_text())
-    mc.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(mc))
-    cfg["model"]["name_or_path"] = str(model)
+    without_dropout(cfg, tmp_path / "bert-no-dropout")
     full.write_text(yaml.safe_dump(cfg))
     assert cli(["train", str(full)]) == 0
     cut_cfg = {

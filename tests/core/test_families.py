@@ -17,6 +17,7 @@ from ortho_lora_dist import OrthoLoRA
 from ortho_lora_dist.core.losses import task_mean
 from ortho_lora_dist.data.packing import pack
 from ortho_lora_dist.models.lm_head import check_packing, labelled_tasks, labelled_token_losses
+from tests.core.test_lm_head_moe import _padded, _samples, rel  # the same batches: answers of 1-6 tokens
 
 T, VOCAB = 3, 64
 COMMON = dict(
@@ -83,30 +84,6 @@ def _model(family: str, seed: int = 0):
     return get_peft_model(base, lora)
 
 
-def _samples(seed: int = 0, n: int = 7):
-    gen = torch.Generator().manual_seed(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        k = int(torch.randint(5, 15, (1,), generator=gen))
-        x = torch.randint(1, VOCAB, (k,), generator=gen).tolist()
-        cut = k - int(torch.randint(1, 5, (1,), generator=gen))
-        ids.append(x)
-        labels.append([-100] * cut + x[cut:])
-    tasks = [int(t) for t in torch.randint(0, T, (n,), generator=gen)]
-    tasks[:T] = list(range(T))
-    return ids, labels, tasks
-
-
-def _padded(ids, labels, tasks) -> dict:
-    width = max(map(len, ids))
-    return {
-        "input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
-        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-        "task_ids": torch.tensor(tasks),
-    }
-
-
 def _ids(batch: dict) -> torch.Tensor:
     return batch["token_task_ids"] if "token_task_ids" in batch else batch["task_ids"]
 
@@ -123,10 +100,6 @@ def _task_grads(family: str, batch: dict, mode: str) -> torch.Tensor:
     olr.set_tasks(_ids(batch), labelled_tasks(batch["labels"], _ids(batch)))
     olr.backward(_losses(model, batch))
     return olr.buffer.clone()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

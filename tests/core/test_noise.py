@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from ortho_lora_dist import OrthoLoRA
 from ortho_lora_dist.core.noise import step_estimates, summarise
-from tests.models import VOCAB, lora_llama
+from tests.models import VOCAB, lora_llama, without_dropout
 
 T = 2
 
@@ -132,13 +131,7 @@ def test_diagnose_end_to_end_and_two_ranks_equal_one_process(env, tmp_path, caps
 
     path = make_config(env, tmp_path / "run", per_task_batch_size=8)
     cfg = yaml.safe_load(path.read_text())
-    cfg["lora"]["dropout"] = 0.0  # dropout masks are per-rank streams: none anywhere, so ranks can equal 1 process
-    model = tmp_path / "bert-no-dropout"
-    shutil.copytree(cfg["model"]["name_or_path"], model)
-    mc = json.loads((model / "config.json").read_text())
-    mc.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(mc))
-    cfg["model"]["name_or_path"] = str(model)
+    without_dropout(cfg, tmp_path / "bert-no-dropout")
     path.write_text(yaml.safe_dump(cfg))
     assert cli(["diagnose", str(path), "--steps", "6"]) == 0
     out = capsys.readouterr().out
