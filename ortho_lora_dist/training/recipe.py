@@ -246,7 +246,7 @@ class Trainer:
     def _group_counts(self, batch: dict) -> torch.Tensor:
         """[2, 2T]: labelled units and samples of every half-group in ``batch`` (this rank)."""
         G = 2 * len(self.tasks)
-        units = self.model.task_counts({**batch, "labelled_task_ids": batch.get("labelled_task_ids")})
+        units = self.model.task_counts(batch)  # by group: the halved batch's ids
         samples = torch.bincount(batch["task_ids"].cpu(), minlength=G).double()
         return torch.stack([torch.nn.functional.pad(units, (0, G - units.numel())), samples])
 
