@@ -14,6 +14,7 @@ checksums matched the manifest, i.e. only files this run's checkpointing wrote a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
-from ortho_lora_dist.runtime.distributed import DistInfo, broadcast_object
-from ortho_lora_dist.runtime.fsutil import replace_dir
+from ortho_lora_dist.runtime.distributed import DistInfo, all_ok, broadcast_object
+from ortho_lora_dist.runtime.fsutil import is_write_failure, replace_dir
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"  # the replicated engine state (Engine.state_dict) and OrthoLoRA's
@@ -190,3 +191,32 @@ def save_torch_state(path: Path, state: dict) -> None:
 
 def load_torch_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def agreed(info, write) -> None:
+    """Run ``write`` on this rank, then all ranks agree (one all-reduce, also the barrier) that every rank's write
+    succeeded; a write failure anywhere (a full disk: runtime/fsutil.py) raises CheckpointWriteError on every rank."""
+    failure = None
+    try:
+        write()
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        failure = e
+    if not all_ok(info, failure is None):
+        raise CheckpointWriteError(str(failure) if failure is not None else "another rank's write failed")
+
+
+@contextlib.contextmanager
+def write_failures_end_the_run(what: str):
+    """A write on rank 0 after training (eval.json, the model card, finished.json) that the machine refuses: one
+    CheckpointWriteError saying the adapter and checkpoint are safe and --resume redoes what is missing."""
+    try:
+        yield
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise CheckpointWriteError(
+            f"{what} failed ({e}); the adapter and the final checkpoint are saved: fix the cause (space, "
+            "permissions), then run the same command with --resume"
+        ) from None

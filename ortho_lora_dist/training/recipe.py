@@ -29,7 +29,6 @@ from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
 from ortho_lora_dist.evaluation.report import eval_report, print_table, scores
 from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
-from ortho_lora_dist.models.lm_head import labelled_tasks
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import distributed as dist
@@ -39,6 +38,7 @@ from ortho_lora_dist.runtime.progress import progress
 from ortho_lora_dist.runtime.signals import StopSignals
 from ortho_lora_dist.training import checkpoint as ckpt
 from ortho_lora_dist.training.engine_setup import build_engine, build_ortho_lora
+from ortho_lora_dist.training.halves import group_counts, halved
 from ortho_lora_dist.training.log_record import eval_record, step_record
 from ortho_lora_dist.training.resume import check_engine_resume, check_resume
 from ortho_lora_dist.training.run_dir import RunDir
@@ -209,8 +209,8 @@ class Trainer:
         step_counts = counts.sum(0)  # [T] labelled units of the whole step
         losses = torch.zeros(len(self.tasks))
         if self.halves:
-            batches = [self._halved(b) for b in batches]
-            groups = torch.stack([self._group_counts(b) for b in batches]).sum(0)
+            batches = [halved(b) for b in batches]
+            groups = torch.stack([group_counts(self.model, b, len(self.tasks)) for b in batches]).sum(0)
             self.group_counts = tuple(dist.sum_over_ranks(self.info, groups))
         for batch, micro_counts in zip(batches, counts):
             # per token when packed; a LoRA lm_head sees the labelled positions only: their tasks
@@ -227,28 +227,6 @@ class Trainer:
         result = self.olr.project()
         self.engine.apply(result)
         return result, losses
-
-    def _halved(self, batch: dict) -> dict:
-        """The batch with capture groups 2t + (the row's position among task t's rows, mod 2); the model's loss
-        still reads the real task ids (``tasks_of``)."""
-        tasks = batch["task_ids"]
-        position = torch.zeros_like(tasks)
-        for t in tasks.unique():
-            rows = (tasks == t).nonzero().flatten()
-            position[rows] = torch.arange(rows.numel(), device=tasks.device)
-        groups = 2 * tasks + position % 2
-        halved = {**batch, "task_ids": groups, "tasks_of": {"task_ids": tasks}}
-        if "labelled_task_ids" in batch:
-            halved["labelled_task_ids"] = labelled_tasks(batch["labels"], groups)
-            halved["tasks_of"]["labelled_task_ids"] = batch["labelled_task_ids"]
-        return halved
-
-    def _group_counts(self, batch: dict) -> torch.Tensor:
-        """[2, 2T]: labelled units and samples of every half-group in ``batch`` (this rank)."""
-        G = 2 * len(self.tasks)
-        units = self.model.task_counts(batch)  # by group: the halved batch's ids
-        samples = torch.bincount(batch["task_ids"].cpu(), minlength=G).double()
-        return torch.stack([torch.nn.functional.pad(units, (0, G - units.numel())), samples])
 
     def _log_step(self, result: StepResult, losses: torch.Tensor, seconds: float) -> None:
         record, blocks = step_record(
@@ -291,26 +269,13 @@ class Trainer:
                 "are untouched: fix the cause (space, permissions), then run the same command with --resume"
             ) from None
 
-    def _agreed(self, write) -> None:
-        """Run ``write`` on this rank, then all ranks agree (one all-reduce, also the barrier) that every rank's
-        write succeeded; a write failure anywhere raises CheckpointWriteError on every rank."""
-        failure = None
-        try:
-            write()
-        except Exception as e:
-            if not is_write_failure(e):
-                raise
-            failure = e
-        if not dist.all_ok(self.info, failure is None):
-            raise ckpt.CheckpointWriteError(str(failure) if failure is not None else "another rank's write failed")
-
     def _write_checkpoint(self, tmp) -> None:
         info, step = self.info, self.state.step
         self.state.last_saved_step = step
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._agreed(lambda: tmp.mkdir(parents=True) if info.main else None)
-        self._agreed(lambda: self._write_checkpoint_files(tmp, step))
+        ckpt.agreed(self.info, lambda: tmp.mkdir(parents=True) if info.main else None)
+        ckpt.agreed(self.info, lambda: self._write_checkpoint_files(tmp, step))
 
         def publish() -> None:
             if info.main:
@@ -320,7 +285,7 @@ class Trainer:
                 protect = self.state.resumed_from if self.state.written_checkpoints + 1 < keep else None
                 ckpt.publish(tmp, step, keep=keep, protect=protect)
 
-        self._agreed(publish)
+        ckpt.agreed(self.info, publish)
         self.state.written_checkpoints += 1
 
     def _write_checkpoint_files(self, tmp, step: int) -> None:
@@ -382,7 +347,7 @@ class Trainer:
                 save_adapter(self.run.path, self.model, self.cfg, self.tasks, state.step, self.total_steps, atomic=True)
 
         try:  # every rank learns of a failed write, instead of waiting in the evaluation's collectives
-            self._agreed(write_adapter)
+            ckpt.agreed(self.info, write_adapter)
         except ckpt.CheckpointWriteError as e:
             raise ckpt.CheckpointWriteError(
                 f"writing the adapter in {self.run.path} failed ({e}); checkpoint step {state.step} is complete: "
@@ -407,8 +372,9 @@ class Trainer:
         results = scores(full, self.tasks)  # each task's metric, or its loss for metric: loss
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if main:
-            self.run.write_json(rf.EVAL, {"step": state.step, **eval_report(full)}, indent=1)
-            write_model_card(self.run.adapter, {"step": state.step, **results})  # now with the final evaluation
+            with ckpt.write_failures_end_the_run(f"writing the evaluation results in {self.run.path}"):
+                self.run.write_json(rf.EVAL, {"step": state.step, **eval_report(full)}, indent=1)
+                write_model_card(self.run.adapter, {"step": state.step, **results})  # with the final evaluation
             self._log_eval(full.get("validation"))
             print_table(full, self.tasks)
             if self.cfg.train.plots:
@@ -425,7 +391,8 @@ class Trainer:
                 "saved: fix the cause (space), then run the same command with --resume"
             )
         if main:
-            self.run.mark_finished(state.step, self.total_steps)
+            with ckpt.write_failures_end_the_run(f"marking {self.run.path} finished"):
+                self.run.mark_finished(state.step, self.total_steps)
         return results
 
     def cleanup(self) -> None:

@@ -94,7 +94,9 @@ def test_full_disk_on_two_ranks_stops_every_rank_within_seconds(env, tmp_path, s
     took = time.monotonic() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and took < 120, f"{took:.0f} s: a rank waited for the collective timeout\n{out[-3000:]}"
+    # every rank that had a write left stops with one line (where the disk fills after the last collective, only
+    # rank 0, which writes the results, has anything left to fail)
     errors = [x for x in out.splitlines() if "error:" in x]
-    assert len(errors) == 2 and all("failed" in x and "--resume" in x for x in errors), out[-3000:]
+    assert 1 <= len(errors) <= 2 and all("failed" in x and "--resume" in x for x in errors), out[-3000:]
     # torchrun itself reports the failed children with a traceback of its own; no frame of ours is in the output
     assert "ortho_lora_dist/" not in "".join(x for x in out.splitlines() if x.strip().startswith("File ")), out[-3000:]
