@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ortho_lora_dist.data.errors import DataError
-from ortho_lora_dist.data.formats.base import RecordFormat, Row, chat_record, chat_schema, check_messages, require
+from ortho_lora_dist.data.formats.base import Row, chat_record, check_messages, require
+from ortho_lora_dist.data.formats.chat import FORMAT as CHAT
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -29,14 +32,5 @@ def _predict(row: Row, where: str, task: str) -> Row:
     return {"messages": _messages(row.get("conversations"), where, "conversations", task, False)}
 
 
-FORMAT = RecordFormat(
-    name="sharegpt",
-    generation=True,
-    chat=True,
-    placeholders=None,
-    fields=lambda cfg: [cfg.messages_field],
-    normalise=_normalise,
-    schema=chat_schema,
-    predict=_predict,
-    prompt_text=lambda cfg, r: None,
-)
+# the chat format (its prompt, schema, template rendering), reading ShareGPT's turns
+FORMAT = replace(CHAT, name="sharegpt", normalise=_normalise, predict=_predict)
