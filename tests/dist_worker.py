@@ -9,6 +9,7 @@ The global batch of step s holds ROWS samples of every task; rank r of N takes r
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -153,7 +154,10 @@ def main():
     p.add_argument("--max-grad-norm", type=float, default=0.0)
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    p.add_argument("--plugin", default="", help="a module to import first (it registers a user's strategy)")
     args = p.parse_args()
+    if args.plugin:
+        importlib.import_module(args.plugin)
     torch.set_num_threads(1)
     comm = None
     if args.engine != "single":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -119,14 +118,9 @@ class TrainConfig(Strict):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from ortho_lora_dist.core.strategies import STRATEGIES
+        from ortho_lora_dist.core.strategies import get_spec
 
-        if v not in STRATEGIES:
-            close = difflib.get_close_matches(v, STRATEGIES, n=1)
-            raise ValueError(
-                f"unknown strategy {v!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                f"choose from {', '.join(STRATEGIES)}"
-            )
+        get_spec(v)  # ValueError naming the closest and the valid ones (built-in, registered, plugins)
         return v
 
     @field_validator("report_to")

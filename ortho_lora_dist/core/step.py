@@ -24,9 +24,8 @@ from ortho_lora_dist.core.diagnostics import gram_telemetry
 from ortho_lora_dist.core.layout import Layout, build_layout
 from ortho_lora_dist.core.order import TaskOrder
 from ortho_lora_dist.core.reference import reference_task_grads
-from ortho_lora_dist.core.strategies import LOSS_STRATEGIES, STRATEGIES, make_strategy
+from ortho_lora_dist.core.strategies import STRATEGIES, get_spec, make_strategy
 
-Strategy = str  # a name in STRATEGIES (aggregators.py)
 Mode = Literal["one_backward", "reference"]
 MODES = ("one_backward", "reference")
 __all__ = ["OrthoLoRA", "StepResult", "STRATEGIES", "MODES"]
@@ -78,7 +77,7 @@ class OrthoLoRA:
         model: nn.Module,
         num_tasks: int,
         *,
-        strategy: Strategy = "ortho",
+        strategy: str = "ortho",
         strategy_options: Mapping[str, object] | None = None,
         granularity: str = "factor",
         seed: int = 0,
@@ -89,8 +88,7 @@ class OrthoLoRA:
         bucket_mb: float = 25.0,
         buffer_dtype: str = "float32",
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        spec = get_spec(strategy)  # ValueError naming the valid ones
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.num_tasks, self.strategy, self.mode = model, num_tasks, strategy, mode
@@ -101,7 +99,7 @@ class OrthoLoRA:
             raise ValueError(f"task_params has task ids {bad} outside [0, {num_tasks - 1}]")
         self.order = TaskOrder(num_tasks, seed)
         # a loss-only rule (famo, initial_loss) needs ONE gradient, of sum_t a_t L_t: one "task" in the buffer
-        self.loss_only = strategy in LOSS_STRATEGIES
+        self.loss_only = spec.loss_only
         self.grad_tasks = 1 if self.loss_only else num_tasks
         self._reset_step_losses()
         if mode == "one_backward":

@@ -42,7 +42,7 @@ from ortho_lora_dist.core.diagnostics import leverage
 from ortho_lora_dist.core.engines.deepspeed_engine import surrogate_loss
 from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import OrthoLoRA
-from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
+from ortho_lora_dist.core.strategies import is_loss_only
 from ortho_lora_dist.integrations.tasks import TaskBalancedSampler, TaskCollator, task_index
 from ortho_lora_dist.models.lm_head import labelled_tasks, labelled_token_losses
 
@@ -57,7 +57,7 @@ def _world() -> int:
 
 def check_training_args(args, strategy: str) -> None:
     """What MultiTaskTrainer cannot honour, refused before HF builds anything (one ValueError naming it)."""
-    if strategy in LOSS_STRATEGIES:
+    if is_loss_only(strategy):
         raise ValueError(
             f"MultiTaskTrainer: strategy {strategy!r} is a loss-only rule, which needs every task in every "
             "micro-batch (HF's sampler does not ensure it); use ortho-lora train, or a Gram strategy here"

@@ -11,7 +11,7 @@ from ortho_lora_dist.config import Config, ConfigError
 from ortho_lora_dist.core.engines.base import Engine, TorchEngine, broadcast_trainable_
 from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
 from ortho_lora_dist.core.step import OrthoLoRA
-from ortho_lora_dist.core.strategies import LOSS_STRATEGIES
+from ortho_lora_dist.core.strategies import is_loss_only
 from ortho_lora_dist.runtime.distributed import DistInfo
 from ortho_lora_dist.training.ds_config import load_ds_config
 
@@ -49,7 +49,7 @@ def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, groups: int 
     reduce = tc.reduce
     if reduce == "auto":
         params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-        grad_tasks = 1 if tc.strategy in LOSS_STRATEGIES else groups or len(cfg.tasks)
+        grad_tasks = 1 if is_loss_only(tc.strategy) else groups or len(cfg.tasks)
         value_bytes = 2 if tc.buffer_dtype == "bfloat16" else 4
         reduce, why = choose_reduce(info.world, tc.gradient_accumulation, grad_tasks, params, value_bytes)
         if info.main and info.world > 1:

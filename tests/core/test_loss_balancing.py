@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ortho_lora_dist import OrthoLoRA
-from ortho_lora_dist.core.loss_balancing import FAMO, InitialLoss, make_loss_balancer
 from ortho_lora_dist.core.strategies import GRAM_STRATEGIES, LOSS_STRATEGIES, STRATEGIES, strategy_options
+from ortho_lora_dist.core.strategies.loss_only import FAMO, InitialLoss, make_loss_balancer
 from tests.core.test_step import conflicting_problem, losses
 
 

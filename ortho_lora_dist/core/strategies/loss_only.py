@@ -24,14 +24,15 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ortho_lora_dist.core.options import checked_options, keyword_options
+from ortho_lora_dist.core.strategies.base import Strategy, StrategySpec, add_spec
 
-__all__ = ["LOSS_STRATEGIES", "LossBalancer", "loss_balancer_options", "make_loss_balancer"]
+__all__ = ["LOSS_STRATEGIES", "LossBalancer", "LossOnly", "loss_balancer_options", "make_loss_balancer"]
 
 LOSS_STRATEGIES = ("famo", "initial_loss")
 
@@ -149,3 +150,32 @@ def make_loss_balancer(name: str, options: Mapping[str, Any] | None, num_tasks: 
         return _BUILDERS[name](num_tasks, **options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"strategy {name!r}: bad options {options}: {e}") from e
+
+
+class LossOnly(Strategy):
+    """A loss-only rule: the step holds ONE gradient, of sum_t a_t L_t (a_t from ``balancer``), taken with weight 1."""
+
+    def __init__(self, name: str, num_blocks: int, balancer: LossBalancer) -> None:
+        super().__init__(name, 1, num_blocks)
+        self.balancer = balancer
+
+    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+        return torch.ones(grams.shape[0], 1, dtype=torch.float64, device=grams.device)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "balancer": self.balancer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.balancer.load_state_dict(state["balancer"])
+
+
+def _spec(name: str) -> StrategySpec:
+    def build(T: int, B: int, seed: int, options: dict[str, Any]) -> Strategy:
+        return LossOnly(name, B, make_loss_balancer(name, options, T))
+
+    return StrategySpec(name, build, loss_balancer_options(name), stateful=True, loss_only=True, summary=name)
+
+
+for _name in LOSS_STRATEGIES:
+    add_spec(_spec(_name))

@@ -1,13 +1,5 @@
-"""Multi-task strategies as pure functions of block Gram matrices: grams [B, T, T] -> weights [B, T] (fp64).
-
-The combined gradient of block b is sum_t w[b, t] g_t. Because only the T x T Gram matrices of the global
-per-task gradients enter, every strategy is exact under data parallelism (see projection.py).
-
-  joint         w_t = 1                                                   (plain sum)
-  ortho         Ortho-LoRA / PCGrad with ONE order per step               (projection.combine_weights)
-  norm_balance  w_t = p_t S / (P ||g_t||), S = sum_k ||g_k||, P = sum_k p_k over tasks with g_k != 0; else 0
-  the rest      TorchJD's own Gramian weightings (upgrad, mgda, cagrad, imtl_g, aligned_mtl, dualproj,
-                pcgrad, gradvac) and its Nash-MTL matrix weighting, called per block (never re-implemented)
+"""TorchJD's Gramian weightings as strategies: upgrad, mgda, cagrad, imtl_g, aligned_mtl, dualproj, pcgrad, gradvac and
+its Nash-MTL matrix weighting, called per block (never re-implemented).
 
 Scale: upgrad, dualproj, cagrad, mgda, imtl_g, aligned_mtl and gradvac are invariant to G -> cG in exact
 arithmetic but TorchJD applies absolute thresholds: below trace(G) = norm_eps = 1e-4 (common for one LoRA
@@ -21,113 +13,20 @@ gets weights 0 from the TorchJD strategies without calling them (no state update
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ortho_lora_dist.core.loss_balancing import (
-    LOSS_STRATEGIES,
-    LossBalancer,
-    loss_balancer_options,
-    make_loss_balancer,
-)
-from ortho_lora_dist.core.options import checked_options, keyword_options
-from ortho_lora_dist.core.projection import combine_weights, joint_weights
-
-__all__ = [
-    "GRAM_STRATEGIES",
-    "LOSS_STRATEGIES",
-    "STRATEGIES",
-    "SOLVER_STRATEGIES",
-    "STATEFUL_STRATEGIES",
-    "Strategy",
-    "LossOnly",
-    "make_strategy",
-    "strategy_options",
-]
+from ortho_lora_dist.core.options import keyword_options
+from ortho_lora_dist.core.strategies.base import Strategy, StrategySpec, add_spec
+from ortho_lora_dist.core.strategies.native import pref_vector_of as _pref
 
 TORCHJD_STRATEGIES = ("upgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "dualproj", "pcgrad", "gradvac")
-# functions of the per-task block Grams (need the per-task gradients), and loss-only rules (loss_balancing.py)
-GRAM_STRATEGIES: tuple[str, ...] = ("ortho", "joint", "norm_balance", *TORCHJD_STRATEGIES)
-STRATEGIES: tuple[str, ...] = (*GRAM_STRATEGIES, *LOSS_STRATEGIES)
 SOLVER_STRATEGIES = frozenset({"upgrad", "dualproj", "cagrad", "nash_mtl"})  # need torchjd[full] (extra 'mtl')
-STATEFUL_STRATEGIES = frozenset({"nash_mtl", "gradvac", "pcgrad"})  # per-block state and/or a random stream
 _PER_BLOCK = frozenset({"nash_mtl", "gradvac"})  # one weighting (with its state) per block
 _RANDOM = frozenset({"pcgrad", "gradvac"})  # TorchJD draws torch.randperm from the global RNG: forked per step
 _RAW_GRAM = frozenset({"pcgrad", "nash_mtl"})  # fed G itself; the others G / trace(G)
-SOLVER_HINT = "pip install 'ortho-lora-dist[mtl]'"
-
-
-class Strategy(ABC):
-    """Maps global block Gram matrices [B, T, T] to combination weights [B, T] (fp64, on the Grams' device)."""
-
-    def __init__(self, name: str, num_tasks: int, num_blocks: int) -> None:
-        self.name, self.num_tasks, self.num_blocks = name, num_tasks, num_blocks
-
-    def weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        """[B, T, T] Gram matrices (any float dtype) and this step's task order -> [B, T] fp64 weights."""
-        if grams.dim() != 3 or grams.shape[1:] != (self.num_tasks, self.num_tasks):
-            raise ValueError(f"grams must be [B, {self.num_tasks}, {self.num_tasks}], got {tuple(grams.shape)}")
-        return self._weights(grams.detach().double(), order)
-
-    @abstractmethod
-    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        """The strategy's weights for fp64 Grams."""
-
-    def state_dict(self) -> dict:
-        return {"name": self.name}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"strategy state is for {state.get('name')!r}, this run uses {self.name!r}")
-
-
-class LossOnly(Strategy):
-    """A loss-only rule: the step holds ONE gradient, of sum_t a_t L_t (a_t from ``balancer``), taken with weight 1."""
-
-    def __init__(self, name: str, num_blocks: int, balancer: LossBalancer) -> None:
-        super().__init__(name, 1, num_blocks)
-        self.balancer = balancer
-
-    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        return torch.ones(grams.shape[0], 1, dtype=torch.float64, device=grams.device)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "balancer": self.balancer.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.balancer.load_state_dict(state["balancer"])
-
-
-class _Joint(Strategy):
-    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        """w_t = 1."""
-        return joint_weights(grams)
-
-
-class _Ortho(Strategy):
-    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        """PCGrad with one order per step, on the original g_j (projection.py)."""
-        return combine_weights(grams, order)
-
-
-class _NormBalance(Strategy):
-    def __init__(self, name: str, num_tasks: int, num_blocks: int, pref_vector: torch.Tensor | None) -> None:
-        super().__init__(name, num_tasks, num_blocks)
-        self.pref = torch.ones(num_tasks, dtype=torch.float64) if pref_vector is None else pref_vector
-
-    def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        """w_t = p_t S / (P ||g_t||) on Z = {t: g_t != 0}, S = sum_Z ||g_k||, P = sum_Z p_k; w_t = 0 off Z."""
-        norms = torch.diagonal(grams, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [B, T]
-        nonzero = norms > 0
-        p = self.pref.to(grams.device).expand_as(norms)
-        total = norms.sum(-1, keepdim=True)  # zero norms add nothing
-        pref_sum = torch.where(nonzero, p, 0.0).sum(-1, keepdim=True)
-        denom = torch.where(nonzero, pref_sum * norms, 1.0)
-        return torch.where(nonzero, p * total / denom, 0.0)
 
 
 class _TorchJD(Strategy):
@@ -279,21 +178,7 @@ def _nash_mtl(T: int, *, max_norm: float = 1.0, update_weights_every: int = 1, o
     return NashMTL(T, max_norm=max_norm, update_weights_every=update_weights_every, optim_niter=optim_niter).weighting
 
 
-def _norm_balance(T: int, *, pref_vector: Any = None) -> torch.Tensor | None:
-    p = _pref(pref_vector, T)
-    if p is not None and not bool((p > 0).all()):
-        raise ValueError(f"pref_vector must be positive for norm_balance, got {p.tolist()}")
-    return p
-
-
-def _none(T: int) -> None:
-    return None
-
-
 _BUILDERS: dict[str, Callable[..., Any]] = {
-    "ortho": _none,
-    "joint": _none,
-    "norm_balance": _norm_balance,
     "upgrad": _upgrad,
     "mgda": _mgda,
     "cagrad": _cagrad,
@@ -306,46 +191,23 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _pref(value: Any, T: int) -> torch.Tensor | None:
-    """A per-task preference vector (list, tuple or tensor of T finite numbers) -> fp64 tensor, or None."""
-    if value is None:
-        return None
-    p = torch.as_tensor(value, dtype=torch.float64).flatten()
-    if p.numel() != T or not bool(torch.isfinite(p).all()):
-        raise ValueError(f"pref_vector must hold {T} finite numbers (one per task), got {value!r}")
-    return p
+def _spec(name: str) -> StrategySpec:
+    weighting = _BUILDERS[name]
+
+    def build(T: int, B: int, seed: int, options: dict[str, Any]) -> Strategy:
+        weighting(T, **options)  # validate the options (and the solver packages) even where no block exists yet
+        return _TorchJD(name, T, B, lambda: weighting(T, **options), seed)
+
+    return StrategySpec(
+        name,
+        build,
+        keyword_options(weighting),
+        stateful=name in _PER_BLOCK | _RANDOM,
+        per_block=name in _PER_BLOCK,
+        needs_solver=name in SOLVER_STRATEGIES,
+        summary=f"TorchJD's {name}",
+    )
 
 
-def strategy_options(name: str) -> dict[str, Any]:
-    """The options a strategy accepts, with their defaults."""
-    if name in LOSS_STRATEGIES:
-        return loss_balancer_options(name)
-    if name not in _BUILDERS:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
-    return keyword_options(_BUILDERS[name])
-
-
-def make_strategy(
-    name: str, options: Mapping[str, Any] | None, num_tasks: int, num_blocks: int, seed: int = 0
-) -> Strategy:
-    """Build strategy ``name`` for T tasks and B blocks; ``options`` are checked against ``strategy_options(name)``."""
-    if name in LOSS_STRATEGIES:
-        return LossOnly(name, num_blocks, make_loss_balancer(name, options, num_tasks))
-    options = checked_options(name, options, strategy_options(name))
-
-    def build() -> Any:
-        try:
-            return _BUILDERS[name](num_tasks, **options)
-        except ImportError as e:
-            raise ImportError(f"strategy {name!r} needs the solver extra: {SOLVER_HINT} ({e})") from e
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"strategy {name!r}: bad options {options}: {e}") from e
-
-    if name == "joint":
-        return _Joint(name, num_tasks, num_blocks)
-    if name == "ortho":
-        return _Ortho(name, num_tasks, num_blocks)
-    if name == "norm_balance":
-        return _NormBalance(name, num_tasks, num_blocks, build())
-    build()  # validate the options (and the solver packages) even where no block exists yet
-    return _TorchJD(name, num_tasks, num_blocks, build, seed)
+for _name in TORCHJD_STRATEGIES:
+    add_spec(_spec(_name))
