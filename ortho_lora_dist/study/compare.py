@@ -32,6 +32,7 @@ from pathlib import Path
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
+from ortho_lora_dist.study.compare_defaults import DEFAULT_METHODS
 from ortho_lora_dist.study.compare_plot import plot
 from ortho_lora_dist.study.compare_table import to_markdown
 from ortho_lora_dist.study.geometry import mean_geometry, run_geometry
@@ -47,20 +48,6 @@ FIXED = {
     "pcgrad-global": {"strategy": "ortho", "granularity": "global"},
     "lossweights": {"strategy": "joint"},
 }
-DEFAULT_METHODS = (
-    "single",
-    "joint",
-    "ortho-factor",
-    "norm_balance-global",
-    "norm_balance-factor",
-    "upgrad-global",
-    "imtl_g-global",
-    "cagrad-global",
-    "mgda-global",
-    "famo-global",
-    "initial_loss-global",
-    "lossweights",
-)
 LOSS_WEIGHT_FACTOR = 3.0
 
 
@@ -68,15 +55,15 @@ def method_settings(method: str) -> dict:
     """train.* settings of a method name; ValueError naming the valid forms."""
     if method in FIXED:
         return dict(FIXED[method])
-    from ortho_lora_dist.core.strategies import STRATEGIES
+    from ortho_lora_dist.core.strategies import strategy_names
 
     name, _, gran = method.rpartition("-")
     if gran not in ("factor", "module", "global"):
         name, gran = method, "global"
-    if name not in STRATEGIES:
+    if name not in strategy_names():
         raise ValueError(
             f"unknown method {method!r}: use one of {sorted(FIXED)} or STRATEGY[-factor|-module|-global] "
-            f"with STRATEGY in {list(STRATEGIES)}"
+            f"with STRATEGY in {list(strategy_names())}"
         )
     return {"strategy": name, "granularity": gran}
 
