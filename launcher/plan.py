@@ -97,22 +97,22 @@ def write_hostfile(plan: LaunchPlan, directory: str | Path) -> str:
 
 
 def _check(plan: LaunchPlan, engine: str) -> None:
+    from ortho_lora_dist.engines import ENGINES, engine_spec
+
     if plan.launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {LAUNCHERS}, got {plan.launcher!r}")
-    if plan.launcher == "deepspeed" and engine != "deepspeed":
+    spec = engine_spec(engine)
+    if plan.launcher not in spec.launchers:
+        fit = [e.name for e in ENGINES.values() if plan.launcher in e.launchers]
         raise LaunchError(
-            f"the deepspeed launcher needs distributed.engine: deepspeed (the config says {engine!r}); use torchrun"
+            f"the {plan.launcher} launcher needs distributed.engine: {' or '.join(fit)} (the config says {engine!r}); "
+            "use torchrun"
         )
     if plan.launcher == "accelerate" and plan.accelerate_config:
         import yaml
 
         kind = str((yaml.safe_load(Path(plan.accelerate_config).read_text()) or {}).get("distributed_type", "")).upper()
-        wanted = {
-            "ddp": ("MULTI_GPU", "MULTI_CPU", "NO", ""),
-            "fsdp": ("MULTI_GPU", "MULTI_CPU", "NO", ""),
-            "deepspeed": ("MULTI_GPU", "NO", ""),
-        }
-        if kind in ("FSDP", "DEEPSPEED") or kind not in wanted[engine]:
+        if kind in ("FSDP", "DEEPSPEED") or kind not in spec.accelerate_types:
             raise LaunchError(
                 f"{plan.accelerate_config}: distributed_type {kind} would wrap the model in accelerate's own "
                 f"{kind.lower()} engine; ortho-lora runs its own (distributed.engine: {engine}). Use an accelerate "

@@ -66,7 +66,7 @@ def build_engine(args, olr, model, comm, world):
         import deepspeed
 
         from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
-        from ortho_lora_dist.training.ds_config import load_ds_config
+        from ortho_lora_dist.engines.deepspeed_config import load_ds_config
 
         cfg = load_ds_config(
             args.ds_config, micro_batch=ROWS * T // world, world_size=world, grad_clip=args.max_grad_norm, lr=LR

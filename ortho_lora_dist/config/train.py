@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ortho_lora_dist.config.base import Strict
+from ortho_lora_dist.engines import ENGINE_NAMES
 
 
 class TrackingConfig(Strict):
@@ -154,7 +155,7 @@ def missing_trackers(report_to) -> list[str]:
 
 
 class DistributedConfig(Strict):
-    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    engine: Literal[ENGINE_NAMES] = "ddp"
     """ddp, deepspeed (ZeRO-2) or fsdp (FSDP2, shards the frozen base)"""
     deepspeed_config: str = "ds_configs/zero2.json"
     """the DeepSpeed JSON (engine deepspeed); batch sizes and clipping are set from train"""

@@ -12,6 +12,7 @@ from torch import nn
 from ortho_lora_dist.artifacts.adapter import load_adapter_weights
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.data.loading import TaskData, load_tasks
+from ortho_lora_dist.engines import engine_spec
 from ortho_lora_dist.models.build import load_run_model
 from ortho_lora_dist.runtime.distributed import DistInfo, init_distributed
 
@@ -26,7 +27,7 @@ class EvalSetup:
 def load_for_eval(cfg: Config, adapter_dir: Path) -> EvalSetup:
     """The model of ``cfg`` (built as training builds it) with the adapter of ``adapter_dir``, in eval mode."""
     tasks = load_tasks(cfg.tasks)  # every data error surfaces here, before any process group or model
-    info = init_distributed(cfg.distributed.backend, deepspeed=cfg.distributed.engine == "deepspeed")
+    info = init_distributed(cfg.distributed.backend, deepspeed=engine_spec(cfg.distributed.engine).deepspeed_init)
     torch.manual_seed(cfg.train.seed)
     model = load_run_model(cfg, tasks, info.device, info.world)
     load_adapter_weights(model, [t.name for t in tasks], adapter_dir)

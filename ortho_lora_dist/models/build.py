@@ -17,6 +17,7 @@ from torch import nn
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.data.lengths import apply_length_policy
 from ortho_lora_dist.data.loading import TaskData
+from ortho_lora_dist.engines import engine_spec
 from ortho_lora_dist.models.causal_lm import CausalLMMultiTask, check_chat_template
 from ortho_lora_dist.models.encoder import EncoderMultiTask
 from ortho_lora_dist.models.encoding import CausalEncoding
@@ -53,13 +54,13 @@ def fit_tasks_to_length(cfg: Config, tasks: list[TaskData], tokenizer, announce:
 def load_run_model(cfg: Config, tasks: list[TaskData], device: torch.device, world: int, tokenizer=None) -> nn.Module:
     """The model as a run uses it: tokenizer, base (FSDP over NF4: 4-bit storage in the model dtype), LoRA, heads,
     on ``device``, activation checkpointing if asked, in train mode, and the base sharded under FSDP2 with N > 1."""
-    fsdp = cfg.distributed.engine == "fsdp"
-    storage = DTYPES[cfg.model.dtype] if fsdp and cfg.model.quantization == "nf4" else None
+    shards = engine_spec(cfg.distributed.engine).shards_base
+    storage = DTYPES[cfg.model.dtype] if shards and cfg.model.quantization == "nf4" else None
     model = build_model(cfg, tasks, tokenizer or load_tokenizer(cfg.model), storage)
     place_model(model, cfg.model.quantization, device)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    if fsdp and world > 1:
+    if shards and world > 1:
         shard_for_fsdp(model)
     return model

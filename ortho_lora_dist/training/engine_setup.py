@@ -1,19 +1,17 @@
-"""From the config to the step and the engine: OrthoLoRA's options, the optimizer(s), the scheduler(s), the adapter."""
+"""From the config to the step and the engine: OrthoLoRA's options and reduction policy, the engine's settings."""
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 from ortho_lora_dist.config import Config, ConfigError
-from ortho_lora_dist.core.engines.base import Engine, TorchEngine, broadcast_trainable_
-from ortho_lora_dist.core.engines.deepspeed_engine import DeepSpeedAdapter
+from ortho_lora_dist.core.engines.base import Engine
 from ortho_lora_dist.core.step import OrthoLoRA
 from ortho_lora_dist.core.strategies import is_loss_only
+from ortho_lora_dist.engines import EngineSettings, engine_spec
 from ortho_lora_dist.runtime.distributed import DistInfo
-from ortho_lora_dist.training.ds_config import load_ds_config
 
 log = logging.getLogger("ortho_lora_dist")
 
@@ -82,40 +80,20 @@ def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, opti
     )
 
 
-def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
-    warmup = int(cfg.train.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
 def build_engine(
     cfg: Config, model: nn.Module, olr: OrthoLoRA, info: DistInfo, total_steps: int, micro_batch: int
 ) -> Engine:
-    """The optimizer(s), scheduler(s) and engine adapter for ``distributed.engine``."""
+    """The optimizer(s), scheduler(s) and engine adapter of ``distributed.engine`` (engines/: its spec builds it)."""
     tc = cfg.train
-    heads = olr.head_params()
-    if cfg.distributed.engine == "deepspeed":
-        import deepspeed
-
-        ds_cfg = load_ds_config(
-            cfg.distributed.deepspeed_config,
-            micro_batch=micro_batch,
-            world_size=info.world,
-            grad_clip=tc.max_grad_norm,
-            lr=tc.lr,
-            bf16=cfg.model.dtype == "bfloat16",
-        )
-        opt = torch.optim.AdamW(olr.lora_params, lr=tc.lr, weight_decay=tc.weight_decay)
-        sched = make_scheduler(cfg, opt, total_steps)
-        ds_engine, *_ = deepspeed.initialize(
-            model=model, optimizer=opt, model_parameters=olr.lora_params, config=ds_cfg
-        )
-        head_opt = torch.optim.AdamW(heads, lr=tc.lr, weight_decay=tc.weight_decay) if heads else None
-        head_sched = make_scheduler(cfg, head_opt, total_steps) if head_opt else None
-        return DeepSpeedAdapter(olr, ds_engine, sched, head_opt, head_sched, tc.max_grad_norm)
-    if info.world > 1:
-        broadcast_trainable_(model)
-    opt = torch.optim.AdamW(olr.lora_params + heads, lr=tc.lr, weight_decay=tc.weight_decay)
-    return TorchEngine(olr, opt, make_scheduler(cfg, opt, total_steps), tc.max_grad_norm)
+    settings = EngineSettings(
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        schedule=tc.schedule,
+        warmup_ratio=tc.warmup_ratio,
+        total_steps=total_steps,
+        micro_batch=micro_batch,
+        bf16=cfg.model.dtype == "bfloat16",
+        deepspeed_config=cfg.distributed.deepspeed_config,
+    )
+    return engine_spec(cfg.distributed.engine).build(settings, model, olr, info)

@@ -26,6 +26,7 @@ from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
+from ortho_lora_dist.engines import engine_spec
 from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
 from ortho_lora_dist.evaluation.report import eval_report, print_table, scores
 from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
@@ -72,7 +73,9 @@ class Trainer:
         self.names = [t.name for t in self.tasks]
         tokenizer = load_tokenizer(cfg.model)
         fit_tasks_to_length(cfg, self.tasks, tokenizer, announce=dist.launched_rank() == 0)  # model.truncation
-        self.info = dist.init_distributed(cfg.distributed.backend, deepspeed=cfg.distributed.engine == "deepspeed")
+        self.info = dist.init_distributed(
+            cfg.distributed.backend, deepspeed=engine_spec(cfg.distributed.engine).deepspeed_init
+        )
         self.run.claim_everywhere(self.info, resume)
         torch.manual_seed(tc.seed)
         self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world, tokenizer)
@@ -306,7 +309,7 @@ class Trainer:
             return
         saved = json.loads((found / ckpt.STATE).read_text())
         check_resume(saved["config"], self.cfg.model_dump(), saved["world_size"], info.world, str(found))
-        check_engine_resume(self.cfg.distributed.engine, saved["world_size"], info.world, str(found))
+        check_engine_resume(engine_spec(self.cfg.distributed.engine), saved["world_size"], info.world, str(found))
         load_adapter_weights(self.model, self.names, found / rf.ADAPTER)
         self.engine.load_checkpoint(found)  # checksums verified: DeepSpeed's unpickling loader sees only our files
         torch_state = ckpt.load_torch_state(found / ckpt.OPTIMIZER)

@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from ortho_lora_dist.config import Config
+from ortho_lora_dist.engines import EngineSpec
 
 MUTABLE = (
     r"train\.steps",
@@ -108,11 +109,11 @@ def check_resume(saved: dict, current: dict, saved_world: int, world: int, where
         )
 
 
-def check_engine_resume(engine: str, saved_world: int, world: int, where: str) -> None:
-    """ZeRO-2 partitions the optimizer state by rank: a DeepSpeed checkpoint resumes on its own number of ranks."""
-    if engine == "deepspeed" and saved_world != world:
+def check_engine_resume(engine: EngineSpec, saved_world: int, world: int, where: str) -> None:
+    """An engine whose optimizer state is partitioned by rank (ZeRO-2) resumes on its own number of ranks."""
+    if engine.partitioned_state and saved_world != world:
         raise ResumeMismatch(
-            f"--resume: {where} was written by {saved_world} DeepSpeed ranks and this run has {world}: "
-            f"ZeRO-2 partitions the optimizer state by rank, so resume it on {saved_world} ranks, or warm-start a new "
+            f"--resume: {where} was written by {saved_world} ranks of engine {engine.name} and this run has {world}: "
+            f"{engine.partitioned_state}, so resume it on {saved_world} ranks, or warm-start a new "
             "run on any number of ranks from its adapter (train.init_adapter: OUTPUT_DIR/adapter, a new optimizer)"
         )

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ortho_lora_dist.training.ds_config import load_ds_config
+from ortho_lora_dist.engines.deepspeed_config import load_ds_config
 
 
 def test_shipped_configs_fill_auto_values():

@@ -1,5 +1,6 @@
-"""The package's imports run one way: the engine core imports nothing of the application, and no module imports
-itself back through others (imports inside functions counted too). Read from the source with ``ast``."""
+"""The package's imports run one way: the engine core imports nothing of the application, no module imports
+itself back through others, and each layer of docs/design.md imports only its own and the ones below it (imports
+inside functions and under TYPE_CHECKING counted too). Read from the source with ``ast``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ PACKAGE = "ortho_lora_dist"
 CORE = f"{PACKAGE}.core"
 # what the core may import besides the standard library and itself
 CORE_THIRD_PARTY = {"torch", "peft", "torchjd"}
+# docs/design.md's layers, lowest first: sub-package (or module) prefixes under the package; the longest prefix wins
+LAYERS: list[tuple[str, ...]] = [
+    ("core",),
+    ("runtime",),
+    ("engines",),  # engine specs: read by the config check (names) and every layer above
+    ("data.errors", "data.formats"),  # record formats: the config's format values come from them
+    ("config",),
+    ("data",),
+    ("models",),
+    ("artifacts",),
+    ("evaluation",),
+    ("training",),
+    ("study", "scaffold"),
+    ("integrations",),
+    ("cli", "projection"),
+]
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -106,6 +123,39 @@ def test_core_imports_nothing_of_the_application():
     assert not {m: ts for m, ts in bad.items() if ts}, f"the core imports outside itself: {bad}"
 
 
+def layer_of(module: str, package: str = PACKAGE) -> int | None:
+    """The index in LAYERS of ``module`` (longest matching prefix), None for the package root or an unlisted one."""
+    rest = module.removeprefix(package + ".")
+    best: tuple[int, int] | None = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (rest == p or rest.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def layer_violations(edges: dict[str, set[str]], package: str = PACKAGE) -> list[str]:
+    """'a -> b' for each import of a module from a higher layer, and 'a: no layer' for a module LAYERS misses."""
+    bad = []
+    for m, targets in sorted(edges.items()):
+        if m == package:
+            continue
+        lm = layer_of(m, package)
+        if lm is None:
+            bad.append(f"{m}: no layer (add it to LAYERS and to docs/design.md)")
+            continue
+        for t in sorted(targets):
+            lt = layer_of(t, package) if t.startswith(package + ".") else None
+            if lt is not None and lt > lm:
+                bad.append(f"{m} -> {t}")
+    return bad
+
+
+def test_layers_import_only_downwards():
+    edges = graph(ROOT, PACKAGE)
+    assert not layer_violations(edges), "imports against the layer order:\n" + "\n".join(layer_violations(edges))
+
+
 def test_the_checks_catch_a_cycle_and_a_core_import(tmp_path):
     """The detector itself, on a made-up package: a -> b -> (inside a function) a, and core -> app."""
     pkg = tmp_path / "pkg"
@@ -118,3 +168,9 @@ def test_the_checks_catch_a_cycle_and_a_core_import(tmp_path):
     edges = graph(tmp_path, "pkg")
     assert cycles({m: {t for t in ts if t in edges} for m, ts in edges.items()}) == [["pkg.a", "pkg.b"]]
     assert "pkg.a" in edges["pkg.core.step"] and "numpy" in edges["pkg.core.step"]
+    assert layer_violations(
+        {"pkg.runtime.io": {"pkg.training.loop"}, "pkg.training.loop": {"pkg.core.step"}}, "pkg"
+    ) == ["pkg.runtime.io -> pkg.training.loop"]
+    assert layer_violations({"pkg.plugins.x": set()}, "pkg") == [
+        "pkg.plugins.x: no layer (add it to LAYERS and to docs/design.md)"
+    ]

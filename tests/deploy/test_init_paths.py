@@ -75,7 +75,7 @@ def test_default_deepspeed_config_works_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(_config(tmp_path / "p", {"train": "x.jsonl"}, engine="deepspeed"))
     assert cfg.distributed.deepspeed_config == str(packaged_file("ds_configs/zero2.json"))
-    from ortho_lora_dist.training.ds_config import load_ds_config
+    from ortho_lora_dist.engines.deepspeed_config import load_ds_config
 
     assert (
         load_ds_config(cfg.distributed.deepspeed_config, micro_batch=2, world_size=1, grad_clip=0.0)[
