@@ -22,6 +22,8 @@ tokens is fp32 inside each matmul, rounding to bf16 happens once per factor per 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ortho_lora_dist.core.comm import Comm, LocalComm
@@ -37,26 +39,34 @@ def _fp32(region: torch.Tensor) -> torch.Tensor:
     return region if region.dtype == torch.float32 else region.float()
 
 
+@dataclass(frozen=True)
+class ReduceOptions:
+    """How the per-task gradients are kept and cross ranks: the policy (step / eager), eager's bucket size, the
+    buffer's dtype. Checked once here, passed as one object from OrthoLoRA through the capture to the buffer."""
+
+    policy: str = "step"
+    bucket_mb: float = 25.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"reduce policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"buffer dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+
+
 class TaskGradBuffer:
     """The [T, n] regions of per-task gradients, with the reduction policy of this run."""
 
     def __init__(
-        self,
-        layout: Layout,
-        num_tasks: int,
-        comm: Comm | None = None,
-        policy: str = "step",
-        bucket_mb: float = 25.0,
-        dtype: str = "float32",
+        self, layout: Layout, num_tasks: int, comm: Comm | None = None, options: ReduceOptions | None = None
     ) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"reduce policy must be one of {POLICIES}, got {policy!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"buffer dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        options = options or ReduceOptions()
+        policy, bucket_mb = options.policy, options.bucket_mb
         self.layout, self.num_tasks, self.comm, self.policy = layout, num_tasks, comm or LocalComm(), policy
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[options.dtype]
         self.device = layout.factors[0].param.device
         self.shape = (num_tasks * layout.region_size,)
         self.peak_bytes = 0

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ortho_lora_dist.core.buffer import TaskGradBuffer
+from ortho_lora_dist.core.buffer import ReduceOptions, TaskGradBuffer
 from ortho_lora_dist.core.comm import Comm, LocalComm
 from ortho_lora_dist.core.layout import Layout, LoraFactor, build_layout
 
@@ -279,15 +279,13 @@ class TaskGradCapture:
         num_tasks: int,
         granularity: str = "factor",
         comm: Comm | None = None,
-        policy: str = "step",
-        bucket_mb: float = 25.0,
-        buffer_dtype: str = "float32",
+        reduce: ReduceOptions | None = None,
     ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         comm = comm or LocalComm()
         self.layout: Layout = build_layout(find_lora_factors(model), granularity, comm.world_size)
-        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, policy, bucket_mb, buffer_dtype)
+        self.grads = TaskGradBuffer(self.layout, num_tasks, comm, reduce)
         self.state = CaptureState(num_tasks, self.grads)
         self.install()
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ortho_lora_dist.core.blocks import block_grams, combine_region
-from ortho_lora_dist.core.buffer import TaskGradBuffer
+from ortho_lora_dist.core.buffer import ReduceOptions, TaskGradBuffer
 from ortho_lora_dist.core.capture import TaskGradCapture, find_lora_factors
 from ortho_lora_dist.core.comm import Comm, LocalComm
 from ortho_lora_dist.core.diagnostics import gram_telemetry
@@ -89,6 +89,7 @@ class OrthoLoRA:
         buffer_dtype: str = "float32",
     ) -> None:
         spec = get_spec(strategy)  # ValueError naming the valid ones
+        reduce_options = ReduceOptions(reduce, bucket_mb, buffer_dtype)  # checked once, passed down as one object
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.num_tasks, self.strategy, self.mode = model, num_tasks, strategy, mode
@@ -104,14 +105,14 @@ class OrthoLoRA:
         self._reset_step_losses()
         if mode == "one_backward":
             self.capture: TaskGradCapture | None = TaskGradCapture(
-                model, self.grad_tasks, granularity, self.comm, reduce, bucket_mb, buffer_dtype
+                model, self.grad_tasks, granularity, self.comm, reduce_options
             )
             self.layout: Layout = self.capture.layout
             self.grads = self.capture.grads
         else:
             self.capture = None
             self.layout = build_layout(find_lora_factors(model), granularity, self.comm.world_size)
-            self.grads = TaskGradBuffer(self.layout, self.grad_tasks, self.comm, reduce, bucket_mb, buffer_dtype)
+            self.grads = TaskGradBuffer(self.layout, self.grad_tasks, self.comm, reduce_options)
         self.lora_params = [f.param for f in self.layout.factors]
         try:
             _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
