@@ -20,9 +20,9 @@ def handle(args) -> int:
 
     from ortho_lora_dist.artifacts.adapter import find_adapter
     from ortho_lora_dist.config import eval_batch_size, load_config
-    from ortho_lora_dist.evaluation.evaluate import run_eval
+    from ortho_lora_dist.evaluation.evaluate import run_final_eval
     from ortho_lora_dist.evaluation.loader import load_for_eval
-    from ortho_lora_dist.evaluation.report import eval_report, print_table
+    from ortho_lora_dist.evaluation.report import eval_document, print_table
     from ortho_lora_dist.runtime import jsonio
     from ortho_lora_dist.runtime import run_files as rf
     from ortho_lora_dist.runtime.fsutil import atomic_write_text
@@ -30,14 +30,12 @@ def handle(args) -> int:
     cfg = load_config(args.config, args.overrides)
     adapter = find_adapter(args.adapter)
     ev = load_for_eval(cfg, adapter)  # reads the run; writes nothing but its own output file
-    full = {s: run_eval(ev.model, ev.tasks, s, ev.info, eval_batch_size(cfg)) for s in ("validation", "test")}
+    full = run_final_eval(ev.model, ev.tasks, ev.info, eval_batch_size(cfg))
     if ev.info.main:
         out = Path(args.output) if args.output else adapter.parent / "eval-cli.json"
         if out.resolve() in {(adapter.parent / n).resolve() for n in rf.RUN_FILES}:
             raise FileExistsError(f"--output {out} is one of the training run's own files: choose another path")
-        atomic_write_text(
-            out, jsonio.dumps({"adapter": str(adapter), **eval_report(full)}, indent=1)
-        )  # eval.json's layout
+        atomic_write_text(out, jsonio.dumps(eval_document({"adapter": str(adapter)}, full), indent=1))
         print_table(full, ev.tasks)
         print(f"written: {out}")
     return 0

@@ -49,6 +49,9 @@ def _ppl(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+SPLITS = ("validation", "test")  # what a final evaluation covers, in this order
+
+
 @torch.no_grad()
 def run_eval(
     model,
@@ -121,3 +124,8 @@ def run_eval(
             if causal:
                 result.perplexity[task.name] = _ppl(loss)
     return result
+
+
+def run_final_eval(model, tasks: list[TaskData], info: DistInfo, batch_size: int) -> dict[str, EvalResult]:
+    """run_eval on every split of SPLITS (no stop signal: ``ortho-lora eval`` and the zero-shot baseline)."""
+    return {s: run_eval(model, tasks, s, info, batch_size) for s in SPLITS}

@@ -7,6 +7,12 @@ import math
 from ortho_lora_dist.evaluation.evaluate import EvalResult
 
 
+def eval_document(header: dict, full: dict[str, EvalResult]) -> dict:
+    """An eval.json (the run's, ``ortho-lora eval``'s, the zero-shot baseline's): ``header`` (step or adapter), then
+    eval_report's layout."""
+    return {**header, **eval_report(full)}
+
+
 def eval_report(full: dict[str, EvalResult]) -> dict:
     """eval.json's layout: {split: {task: metric}}, plus "loss" and "perplexity" {split: {task: value}} when
     computed."""

@@ -13,8 +13,8 @@ import torch
 
 from ortho_lora_dist.config import Config, eval_batch_size
 from ortho_lora_dist.data.loading import load_tasks
-from ortho_lora_dist.evaluation.evaluate import run_eval
-from ortho_lora_dist.evaluation.report import eval_report
+from ortho_lora_dist.evaluation.evaluate import run_final_eval
+from ortho_lora_dist.evaluation.report import eval_document
 from ortho_lora_dist.models.build import load_run_model
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
@@ -41,8 +41,8 @@ def evaluate_zero_shot(cfg: Config) -> Path:
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     if any(bool(p.abs().sum() > 0) for p in lora_b):
         raise RuntimeError("zero_shot: the fresh adapter is not the identity (a lora_B factor is non-zero)")
-    full = {s: run_eval(model, tasks, s, info, eval_batch_size(cfg)) for s in ("validation", "test")}
+    full = run_final_eval(model, tasks, info, eval_batch_size(cfg))
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / rf.EVAL, jsonio.dumps({"step": 0, **eval_report(full)}, indent=1))
+        atomic_write_text(out / rf.EVAL, jsonio.dumps(eval_document({"step": 0}, full), indent=1))
     return out / rf.EVAL

@@ -21,11 +21,14 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ortho_lora_dist.artifacts.adapter import load_adapter_weights
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime import run_files as rf
 from ortho_lora_dist.runtime.distributed import DistInfo, all_ok, broadcast_object
@@ -220,3 +223,62 @@ def write_failures_end_the_run(what: str):
             f"{what} failed ({e}); the adapter and the final checkpoint are saved: fix the cause (space, "
             "permissions), then run the same command with --resume"
         ) from None
+
+
+# -- the choreography of one checkpoint across ranks (the trainer calls these two) ------------------------------------
+def save(
+    output_dir: Path,
+    step: int,
+    info: DistInfo,
+    write_files: Callable[[Path], None],
+    trainer_state: Callable[[], dict],
+    keep: int = 0,
+    protect: Path | None = None,
+) -> None:
+    """checkpoints/step-N: staging folder (rank 0) -> every rank's files (``write_files(tmp)``) -> trainer_state.json
+    with the checksums of all of it (rank 0) -> atomic rename; every phase agreed by all ranks. A write that fails on
+    any rank (a full disk, permissions) is known to every rank within seconds and leaves the previous checkpoint the
+    newest valid one: CheckpointWriteError (exit 1) on every rank, the staging folder removed."""
+    tmp = staging_dir(output_dir, step)
+    try:
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        agreed(info, lambda: tmp.mkdir(parents=True) if info.main else None)
+        agreed(info, lambda: write_files(tmp))
+
+        def state_and_publish() -> None:
+            if info.main:
+                write_state(tmp, trainer_state())
+                publish(tmp, step, keep=keep, protect=protect)
+
+        agreed(info, state_and_publish)
+    except CheckpointWriteError as e:
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"writing checkpoint step {step} in {tmp.parent} failed ({e}); the previous checkpoints "
+            "are untouched: fix the cause (space, permissions), then run the same command with --resume"
+        ) from None
+
+
+def write_step_files(tmp: Path, info: DistInfo, engine: Any, olr: Any, save_adapter: Callable[[Path], None]) -> None:
+    """One rank's part of a checkpoint: the adapter and the replicated engine + OrthoLoRA state (rank 0), the engine's
+    partitioned state (every rank, e.g. ZeRO-2's), this rank's RNG and task-order generator."""
+    if info.main:
+        save_adapter(tmp)
+    engine.save_checkpoint(tmp)
+    if info.main:
+        save_torch_state(tmp / OPTIMIZER, {**engine.state_dict(), "olr": olr.state_dict()})
+    save_rng(tmp / rng_file(info.rank), olr.order.generator.get_state())
+
+
+def restore(found: Path, info: DistInfo, model: Any, names: list[str], engine: Any, olr: Any) -> None:
+    """Load what write_step_files wrote (checksums verified first by pick_checkpoint: DeepSpeed's unpickling loader
+    sees only files this run's checkpointing wrote)."""
+    load_adapter_weights(model, names, found / rf.ADAPTER)
+    engine.load_checkpoint(found)
+    torch_state = load_torch_state(found / OPTIMIZER)
+    engine.load_state_dict({k: v for k, v in torch_state.items() if k != "olr"})
+    if "olr" in torch_state:
+        olr.load_state_dict(torch_state["olr"])
+    olr.order.generator.set_state(restore_rng(found, info.rank))

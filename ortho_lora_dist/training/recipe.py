@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 
 import torch
 import yaml
 
-from ortho_lora_dist.artifacts.adapter import load_adapter_weights, warm_start
+from ortho_lora_dist.artifacts.adapter import warm_start
 from ortho_lora_dist.artifacts.card import write_model_card
 from ortho_lora_dist.artifacts.plots import plot_run
 from ortho_lora_dist.artifacts.write import save_adapter
@@ -27,8 +26,8 @@ from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.data.loading import load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.engines import engine_spec
-from ortho_lora_dist.evaluation.evaluate import EvalResult, run_eval
-from ortho_lora_dist.evaluation.report import eval_report, print_table, scores
+from ortho_lora_dist.evaluation.evaluate import SPLITS, EvalResult, run_eval
+from ortho_lora_dist.evaluation.report import eval_document, print_table, scores
 from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
@@ -257,47 +256,28 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """checkpoints/step-N: adapter, engine state (replicated: rank 0; partitioned: every rank), RNG per rank,
-        then trainer_state.json with the checksums of all of it, then an atomic rename. A write that fails on any rank
-        (a full disk, permissions) is known to every rank at the next agreement point, within seconds, and leaves the
-        previous checkpoint the newest valid one: CheckpointWriteError (exit 1) on every rank."""
-        tmp = ckpt.staging_dir(self.run.path, self.state.step)
-        try:
-            self._write_checkpoint(tmp)
-        except ckpt.CheckpointWriteError as e:
-            if self.info.main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.CheckpointWriteError(
-                f"writing checkpoint step {self.state.step} in {tmp.parent} failed ({e}); the previous checkpoints "
-                "are untouched: fix the cause (space, permissions), then run the same command with --resume"
-            ) from None
-
-    def _write_checkpoint(self, tmp) -> None:
-        info, step = self.info, self.state.step
+        """checkpoints/step-N, written by every rank and agreed on (training/checkpoint.py: save)."""
+        step, keep = self.state.step, self.cfg.train.keep_checkpoints
         self.state.last_saved_step = step
-        if info.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.agreed(self.info, lambda: tmp.mkdir(parents=True) if info.main else None)
-        ckpt.agreed(self.info, lambda: self._write_checkpoint_files(tmp, step))
-
-        def publish() -> None:
-            if info.main:
-                sampler, config = self.sampler.state_dict(), self.cfg.model_dump()
-                ckpt.write_state(tmp, self.state.to_checkpoint(sampler, info.world, self.names, config))
-                keep = self.cfg.train.keep_checkpoints
-                protect = self.state.resumed_from if self.state.written_checkpoints + 1 < keep else None
-                ckpt.publish(tmp, step, keep=keep, protect=protect)
-
-        ckpt.agreed(self.info, publish)
+        protect = self.state.resumed_from if self.state.written_checkpoints + 1 < keep else None
+        ckpt.save(
+            self.run.path,
+            step,
+            self.info,
+            lambda tmp: ckpt.write_step_files(
+                tmp,
+                self.info,
+                self.engine,
+                self.olr,
+                lambda d: save_adapter(d, self.model, self.cfg, self.tasks, step, self.total_steps),
+            ),
+            lambda: self.state.to_checkpoint(
+                self.sampler.state_dict(), self.info.world, self.names, self.cfg.model_dump()
+            ),
+            keep=keep,
+            protect=protect,
+        )
         self.state.written_checkpoints += 1
-
-    def _write_checkpoint_files(self, tmp, step: int) -> None:
-        if self.info.main:
-            save_adapter(tmp, self.model, self.cfg, self.tasks, step, self.total_steps)
-        self.engine.save_checkpoint(tmp)
-        if self.info.main:
-            ckpt.save_torch_state(tmp / ckpt.OPTIMIZER, {**self.engine.state_dict(), "olr": self.olr.state_dict()})
-        ckpt.save_rng(tmp / ckpt.rng_file(self.info.rank), self.olr.order.generator.get_state())
 
     def load_checkpoint(self) -> None:
         """The newest checkpoint whose checksums verify (rank 0 picks it), after checking the config may resume it."""
@@ -310,13 +290,7 @@ class Trainer:
         saved = json.loads((found / ckpt.STATE).read_text())
         check_resume(saved["config"], self.cfg.model_dump(), saved["world_size"], info.world, str(found))
         check_engine_resume(engine_spec(self.cfg.distributed.engine), saved["world_size"], info.world, str(found))
-        load_adapter_weights(self.model, self.names, found / rf.ADAPTER)
-        self.engine.load_checkpoint(found)  # checksums verified: DeepSpeed's unpickling loader sees only our files
-        torch_state = ckpt.load_torch_state(found / ckpt.OPTIMIZER)
-        self.engine.load_state_dict({k: v for k, v in torch_state.items() if k != "olr"})
-        if "olr" in torch_state:
-            self.olr.load_state_dict(torch_state["olr"])
-        self.olr.order.generator.set_state(ckpt.restore_rng(found, info.rank))
+        ckpt.restore(found, info, self.model, self.names, self.engine, self.olr)
         if saved["world_size"] != info.world and info.main:
             drawn = self.cfg.train.task_sampling != "equal"
             log.warning(
@@ -361,7 +335,7 @@ class Trainer:
                 "trained %d steps (%d skipped); adapter saved to %s", state.step, state.skipped_total, self.run.adapter
             )
         full: dict[str, EvalResult] = {}
-        for split in ("validation", "test"):
+        for split in SPLITS:
             evaluated = self.evaluate(split, stop=self._stop_agreed)
             if evaluated is None:  # a stop signal during evaluation
                 if main:
@@ -376,7 +350,7 @@ class Trainer:
         bad = sorted({t for split in results.values() for t, v in split.items() if v is None and t != "average"})
         if main:
             with ckpt.write_failures_end_the_run(f"writing the evaluation results in {self.run.path}"):
-                self.run.write_json(rf.EVAL, {"step": state.step, **eval_report(full)}, indent=1)
+                self.run.write_json(rf.EVAL, eval_document({"step": state.step}, full), indent=1)
                 write_model_card(self.run.adapter, {"step": state.step, **results})  # with the final evaluation
             self._log_eval(full.get("validation"))
             print_table(full, self.tasks)
