@@ -195,40 +195,9 @@ def compare(
     if "lossweights" in methods:
         tuned = _choose_loss_weights(cfg, out, names, scored)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for seed in range(seeds):
+    for seed in range(seeds):  # interleaved: every method has its seed s before any has s + 1
         for m in methods:
-            if m == "single":
-                parts = [
-                    _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}" / n, t), scored)
-                    for t, n in enumerate(names)
-                ]
-                runs[m].append(
-                    {
-                        "metrics": {k: v for p in parts for k, v in p["metrics"].items()},
-                        "split": parts[0]["split"],
-                        "validation": {k: v for p in parts for k, v in p["validation"].items()},
-                        "seconds_per_step": sum(p["seconds_per_step"] for p in parts),
-                        "conflict_rate": float("nan"),
-                        "change": float("nan"),
-                        "cos_joint": float("nan"),
-                        "negative_gain": float("nan"),
-                    }
-                )
-            elif m == "zero_shot":
-                runs[m].append(_zero_shot(_variant(cfg, m, 0, out / "runs" / m)))  # greedy: once, every seed
-            elif m == "lossweights":
-                w = [tuned["chosen"]["weights"][n] for n in names]
-                where = (
-                    out
-                    / "runs"
-                    / ("joint" if tuned["chosen"]["tag"] == "uniform" else f"lossweights-{tuned['chosen']['tag']}")
-                    / f"seed{seed}"
-                )
-                if seed == 0 and tuned["chosen"]["tag"] != "uniform":
-                    where = out / "runs" / "lossweights-grid" / tuned["chosen"]["tag"]
-                runs[m].append(_run(_variant(cfg, "joint", seed, where, loss_weights=w), scored))
-            else:
-                runs[m].append(_run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}"), scored))
+            runs[m].append(_run_method(cfg, m, seed, out, names, scored, tuned))
     summary: dict = {
         "seeds": seeds,
         "split": runs[methods[0]][0]["split"],
@@ -240,56 +209,93 @@ def compare(
         summary["lossweights"] = tuned
     joint_time = _mean([r["seconds_per_step"] for r in runs["joint"]]) if "joint" in runs else None
     for m in methods:
-        per_task = {n: _ci95([r["metrics"][n] for r in runs[m]]) for n in names}
-        avg = _ci95([_avg(r["metrics"], scored) for r in runs[m]])
-        entry = {
-            "per_task": {n: {"mean": v[0], "ci95": v[1]} for n, v in per_task.items()},
-            "average": {"mean": avg[0], "ci95": avg[1]},
-            "validation_average": _mean([_avg(r["validation"], scored) for r in runs[m] if r["validation"]]),
-            **{
-                k: _mean([r[k] for r in runs[m]])
-                for k in ("conflict_rate", "change", "cos_joint", "negative_gain", "seconds_per_step")
-            },
-        }
-        if geometry := mean_geometry([r.get("geometry") for r in runs[m]]):
-            entry["geometry"] = geometry
-        if joint_time and not math.isnan(entry["seconds_per_step"]):
-            entry["time_vs_joint"] = entry["seconds_per_step"] / joint_time
-        if "joint" in runs and m != "joint":
-            diffs = [_avg(a["metrics"], scored) - _avg(b["metrics"], scored) for a, b in zip(runs[m], runs["joint"])]
-            mean, half = _ci95(diffs)
-            entry["paired_vs_joint"] = {
-                "per_seed": diffs,
-                "mean": mean,
-                "ci95": half,
-                "positive": sum(d > 0 for d in diffs),
-            }
-        curves = [r.get("curve") for r in runs[m]]
-        if m != "single" and all(curves):
-            entry["curve"] = _mean_curve(curves)
-            if "joint" in runs and all(r.get("curve") for r in runs["joint"]):
-                entry["time_to_target"] = _time_to_target(runs[m], runs["joint"])
-        summary["methods"][m] = entry
+        summary["methods"][m] = _method_entry(m, runs, names, scored, joint_time)
     if "single" in runs and "joint" in runs:
-        s, j = summary["methods"]["single"], summary["methods"]["joint"]
         for m in methods:
-            if m in ("single", "joint"):
-                continue
-            e = summary["methods"][m]
-            rec = {}
-            for n in names:
-                gap = s["per_task"][n]["mean"] - j["per_task"][n]["mean"]
-                rec[n] = (
-                    (e["per_task"][n]["mean"] - j["per_task"][n]["mean"]) / gap if abs(gap) > 1e-12 else float("nan")
-                )
-            gap = s["average"]["mean"] - j["average"]["mean"]
-            rec["average"] = (e["average"]["mean"] - j["average"]["mean"]) / gap if abs(gap) > 1e-12 else float("nan")
-            e["gap_recovery"] = rec
+            if m not in ("single", "joint"):
+                summary["methods"][m]["gap_recovery"] = _gap_recovery(summary["methods"], m, names)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(jsonio.dumps(summary, indent=1))
     (out / "compare.md").write_text(to_markdown(summary))
     plot(summary, out / "compare.png")
     return summary
+
+
+def _run_method(cfg: Config, m: str, seed: int, out: Path, names: list[str], scored: list[str], tuned) -> dict:
+    """One seed of method ``m``: its run's record (single: one run per task, merged; zero_shot: once)."""
+    if m == "single":
+        parts = [
+            _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}" / n, t), scored) for t, n in enumerate(names)
+        ]
+        return {
+            "metrics": {k: v for p in parts for k, v in p["metrics"].items()},
+            "split": parts[0]["split"],
+            "validation": {k: v for p in parts for k, v in p["validation"].items()},
+            "seconds_per_step": sum(p["seconds_per_step"] for p in parts),
+            "conflict_rate": float("nan"),
+            "change": float("nan"),
+            "cos_joint": float("nan"),
+            "negative_gain": float("nan"),
+        }
+    if m == "zero_shot":
+        return _zero_shot(_variant(cfg, m, 0, out / "runs" / m))  # greedy: once, every seed
+    if m == "lossweights":
+        w = [tuned["chosen"]["weights"][n] for n in names]
+        tag = tuned["chosen"]["tag"]
+        where = out / "runs" / ("joint" if tag == "uniform" else f"lossweights-{tag}") / f"seed{seed}"
+        if seed == 0 and tag != "uniform":
+            where = out / "runs" / "lossweights-grid" / tag
+        return _run(_variant(cfg, "joint", seed, where, loss_weights=w), scored)
+    return _run(_variant(cfg, m, seed, out / "runs" / m / f"seed{seed}"), scored)
+
+
+def _method_entry(m: str, runs: dict[str, list[dict]], names: list[str], scored: list[str], joint_time) -> dict:
+    """compare.json's entry of method ``m``: per-task and average CIs over seeds, telemetry means, paired
+    differences vs joint, curves and time to joint's accuracy."""
+    per_task = {n: _ci95([r["metrics"][n] for r in runs[m]]) for n in names}
+    avg = _ci95([_avg(r["metrics"], scored) for r in runs[m]])
+    entry = {
+        "per_task": {n: {"mean": v[0], "ci95": v[1]} for n, v in per_task.items()},
+        "average": {"mean": avg[0], "ci95": avg[1]},
+        "validation_average": _mean([_avg(r["validation"], scored) for r in runs[m] if r["validation"]]),
+        **{
+            k: _mean([r[k] for r in runs[m]])
+            for k in ("conflict_rate", "change", "cos_joint", "negative_gain", "seconds_per_step")
+        },
+    }
+    if geometry := mean_geometry([r.get("geometry") for r in runs[m]]):
+        entry["geometry"] = geometry
+    if joint_time and not math.isnan(entry["seconds_per_step"]):
+        entry["time_vs_joint"] = entry["seconds_per_step"] / joint_time
+    if "joint" in runs and m != "joint":
+        diffs = [_avg(a["metrics"], scored) - _avg(b["metrics"], scored) for a, b in zip(runs[m], runs["joint"])]
+        mean, half = _ci95(diffs)
+        entry["paired_vs_joint"] = {
+            "per_seed": diffs,
+            "mean": mean,
+            "ci95": half,
+            "positive": sum(d > 0 for d in diffs),
+        }
+    curves = [r.get("curve") for r in runs[m]]
+    if m != "single" and all(curves):
+        entry["curve"] = _mean_curve(curves)
+        if "joint" in runs and all(r.get("curve") for r in runs["joint"]):
+            entry["time_to_target"] = _time_to_target(runs[m], runs["joint"])
+    return entry
+
+
+def _gap_recovery(entries: dict[str, dict], m: str, names: list[str]) -> dict[str, float]:
+    """(method - joint) / (single - joint), per task and on the average: the share of single-task training's gap
+    a method closes (nan where the gap is 0)."""
+    s, j, e = entries["single"], entries["joint"], entries[m]
+
+    def share(method: float, single: float, joint: float) -> float:
+        gap = single - joint
+        return (method - joint) / gap if abs(gap) > 1e-12 else float("nan")
+
+    rec = {n: share(e["per_task"][n]["mean"], s["per_task"][n]["mean"], j["per_task"][n]["mean"]) for n in names}
+    rec["average"] = share(e["average"]["mean"], s["average"]["mean"], j["average"]["mean"])
+    return rec
 
 
 def _mean_curve(curves: list) -> list[tuple[int, float]]:
