@@ -40,4 +40,9 @@ run_step() {
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 a failed collective aborts instead of hanging
 #   ORTHO_LORA_TIMEOUT_S=1800         process-group timeout: a dead rank ends the job within this time
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# CPU threads per rank: the CPUs SLURM gave this node's task (--cpus-per-task; else what this shell may use),
+# shared by the node's ranks (NPROC_PER_NODE, else one per GPU), at least 1. Data preparation runs once per job
+# (distributed.data_cache), so the ranks need no extra CPUs for it.
+_ortho_cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+_ortho_ranks=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( _ortho_cpus / _ortho_ranks > 0 ? _ortho_cpus / _ortho_ranks : 1 ))}

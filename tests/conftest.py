@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests' prepared-data cache (distributed.data_cache: auto), apart from the user's; subprocesses inherit it
+os.environ.setdefault("ORTHO_LORA_DATA_CACHE", tempfile.mkdtemp(prefix="ortho-lora-test-data-"))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -161,3 +161,9 @@ class DistributedConfig(Strict):
     """the DeepSpeed JSON (engine deepspeed); batch sizes and clipping are set from train"""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """process-group backend (auto: nccl on GPUs, gloo on CPUs)"""
+    data_cache: str | None = "auto"
+    """where a job's ranks share the prepared training data (read, checked, fitted to model.max_length; one folder
+    per fingerprint of the data, tasks and tokenizer): rank 0 prepares, the others wait and read it, a requeue or a
+    run on the same data reuses it. auto: $ORTHO_LORA_DATA_CACHE, else $HF_HOME/ortho_lora_dist/data; a folder
+    (every node must see it); null:
+    every rank prepares its own"""

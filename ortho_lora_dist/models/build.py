@@ -51,6 +51,20 @@ def fit_tasks_to_length(cfg: Config, tasks: list[TaskData], tokenizer, announce:
     apply_length_policy(tasks, lengths, cfg.model.max_length, cfg.model.truncation, announce)
 
 
+def data_key(cfg: Config, tokenizer) -> dict:
+    """What the prepared training data depends on besides the tasks and their sources (data/cache.py's fingerprint):
+    for a causal LM the length policy and the tokenizer (its name, size and chat template)."""
+    if cfg.model.kind != "causal-lm":
+        return {"kind": cfg.model.kind}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "kind": cfg.model.kind,
+        "max_length": cfg.model.max_length,
+        "truncation": cfg.model.truncation,
+        "tokenizer": [cfg.model.name_or_path, type(tokenizer).__name__, len(tokenizer), str(template)],
+    }
+
+
 def load_run_model(cfg: Config, tasks: list[TaskData], device: torch.device, world: int, tokenizer=None) -> nn.Module:
     """The model as a run uses it: tokenizer, base (FSDP over NF4: 4-bit storage in the model dtype), LoRA, heads,
     on ``device``, activation checkpointing if asked, in train mode, and the base sharded under FSDP2 with N > 1."""

@@ -23,12 +23,13 @@ from ortho_lora_dist.artifacts.write import save_adapter
 from ortho_lora_dist.config import Config, eval_batch_size
 from ortho_lora_dist.core.losses import step_mean_part
 from ortho_lora_dist.core.step import StepResult
-from ortho_lora_dist.data.loading import load_tasks
+from ortho_lora_dist.data.cache import cache_root, prepared_tasks
+from ortho_lora_dist.data.loading import TaskData, load_tasks
 from ortho_lora_dist.data.sampling import MultiTaskSampler
 from ortho_lora_dist.engines import engine_spec
 from ortho_lora_dist.evaluation.evaluate import SPLITS, EvalResult, run_eval
 from ortho_lora_dist.evaluation.report import eval_document, print_table, scores
-from ortho_lora_dist.models.build import fit_tasks_to_length, load_run_model
+from ortho_lora_dist.models.build import data_key, fit_tasks_to_length, load_run_model
 from ortho_lora_dist.models.loading import load_tokenizer
 from ortho_lora_dist.models.placement import to_device
 from ortho_lora_dist.runtime import distributed as dist
@@ -68,10 +69,16 @@ class Trainer:
     def setup(self, resume: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
         self.run.check_path()  # before anything heavy loads
-        self.tasks = load_tasks(cfg.tasks)  # every data error surfaces here, before any process group or model
-        self.names = [t.name for t in self.tasks]
         tokenizer = load_tokenizer(cfg.model)
-        fit_tasks_to_length(cfg, self.tasks, tokenizer, announce=dist.launched_rank() == 0)  # model.truncation
+
+        def prepare() -> list[TaskData]:  # every data error surfaces here, before any process group or model
+            tasks = load_tasks(cfg.tasks)
+            fit_tasks_to_length(cfg, tasks, tokenizer, announce=dist.launched_rank() == 0)  # model.truncation
+            return tasks
+
+        root, first = cache_root(cfg.distributed.data_cache), dist.launched_rank() == 0
+        self.tasks = prepared_tasks(cfg.tasks, prepare, root, data_key(cfg, tokenizer), preparer=first)  # once a job
+        self.names = [t.name for t in self.tasks]
         self.info = dist.init_distributed(
             cfg.distributed.backend, deepspeed=engine_spec(cfg.distributed.engine).deepspeed_init
         )
