@@ -33,6 +33,11 @@ class TrainConfig(Strict):
         "| ortho (the paper's) | norm_balance | famo | initial_loss | a TorchJD weighting (see docs/design.md)",
     )
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, e.g. {c: 0.4}")
+    gram: Literal["raw", "debiased", "ema"] = "raw"
+    """what a Gram rule sees: raw (this step's task gradients' Gram), debiased (|G_t|^2 from the product of each task's
+    two half-gradients: the signal without the noise tr(Sigma_t)/n_t; twice the per-task buffer and traffic; not with
+    packing) or ema (an exponential moving average of the Grams over steps, gram_ema_beta); docs/guides/diagnose.md"""
+    gram_ema_beta: float = Field(0.9, ge=0, lt=1, description="gram ema: E <- beta E + (1 - beta) G per step")
     granularity: Literal["factor", "module", "global"] = "factor"
     """the blocks a rule combines per: factor (every lora_A / lora_B: the paper's), module, or global"""
     mode: Literal["one_backward", "reference"] = "one_backward"
@@ -132,6 +137,18 @@ class TrainConfig(Strict):
         if missing:
             raise ValueError("; ".join(missing))
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _gram(self) -> TrainConfig:
+        from ortho_lora_dist.core.strategies import is_loss_only
+
+        if self.gram != "raw" and is_loss_only(self.strategy):
+            raise ValueError(f"train.gram {self.gram!r} needs a Gram rule; {self.strategy!r} is loss-only (no Grams)")
+        if self.gram == "debiased" and self.packing:
+            raise ValueError("train.gram 'debiased' splits each task's rows in two halves: set train.packing: false")
+        if self.gram != "raw" and self.mode != "one_backward":
+            raise ValueError(f"train.gram {self.gram!r} needs train.mode: one_backward")
+        return self
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -45,6 +45,27 @@ def step_estimates(halves: torch.Tensor, tokens: torch.Tensor, samples: torch.Te
     return {"raw": raw, "signal": signal, "trace": trace, "true": true}
 
 
+def debiased_grams(halves: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 2T, 2T] Grams of the half-gradients (groups 2t, 2t + 1) and their labelled-token counts [2T] -> [B, T, T]
+    estimates of G_s . G_t: off the diagonal g_s . g_t, on it g_t^a . g_t^b (both halves scaled to their own means);
+    a task with an empty half keeps its raw |g_t|^2. Projected onto the PSD cone (eigenvalues clamped at 0), since a
+    noisy estimate need not be a Gram matrix and the rules' solvers assume one."""
+    H = halves.double()
+    B, G, _ = H.shape
+    T = G // 2
+    n_tok = tokens.double().to(H.device).view(T, 2)
+    scale = (n_tok.sum(1, keepdim=True) / n_tok.clamp_min(1)).reshape(-1)  # g^h = h^h N_t / N_h
+    raw = H.view(B, T, 2, T, 2).sum((2, 4))
+    a, b = torch.arange(0, G, 2), torch.arange(1, G, 2)
+    signal = H[:, a, b] * scale[a] * scale[b]
+    out = raw.clone()
+    both = (n_tok > 0).all(1)
+    idx = torch.arange(T)
+    out[:, idx, idx] = torch.where(both, signal, raw[:, idx, idx])
+    lam, vec = torch.linalg.eigh(out)
+    return (vec * lam.clamp_min(0)[:, None, :]) @ vec.transpose(-1, -2)
+
+
 def _conflict(true: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """C_st over the steps ``steps``: sum G_s.G_t / sqrt(sum |G_s|^2 sum |G_t|^2) (NaN where a sum is <= 0)."""
     total = true[steps].sum(0)

@@ -25,6 +25,7 @@ from ortho_lora_dist.core.layout import Layout, build_layout
 from ortho_lora_dist.core.order import TaskOrder
 from ortho_lora_dist.core.reference import reference_task_grads
 from ortho_lora_dist.core.strategies import STRATEGIES, get_spec, make_strategy
+from ortho_lora_dist.core.strategies.signal import Debiased, with_gram_estimate
 
 Mode = Literal["one_backward", "reference"]
 MODES = ("one_backward", "reference")
@@ -87,8 +88,18 @@ class OrthoLoRA:
         reduce: str = "step",
         bucket_mb: float = 25.0,
         buffer_dtype: str = "float32",
+        gram: str = "raw",
+        gram_ema_beta: float = 0.9,
     ) -> None:
         spec = get_spec(strategy)  # ValueError naming the valid ones
+        if gram != "raw" and (spec.loss_only or mode != "one_backward"):
+            raise ValueError(
+                f"gram {gram!r} needs a Gram rule and the one-backward capture, not {strategy!r} / {mode!r}"
+            )
+        if gram == "debiased" and num_tasks % 2:
+            raise ValueError(
+                f"gram 'debiased' captures two half-groups per task: num_tasks must be even, got {num_tasks}"
+            )
         reduce_options = ReduceOptions(reduce, bucket_mb, buffer_dtype)  # checked once, passed down as one object
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -116,7 +127,9 @@ class OrthoLoRA:
         self.lora_params = [f.param for f in self.layout.factors]
         try:
             _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
-            self.combiner = make_strategy(strategy, strategy_options, num_tasks, self.layout.num_blocks, seed)
+            tasks = num_tasks // 2 if gram == "debiased" else num_tasks  # debiased: the groups are halves of tasks
+            rule = make_strategy(strategy, strategy_options, tasks, self.layout.num_blocks, seed)
+            self.combiner = with_gram_estimate(rule, gram, gram_ema_beta)
         except (ValueError, ImportError):
             if self.capture is not None:  # leave the model as it was
                 self.capture.remove()
@@ -198,17 +211,25 @@ class OrthoLoRA:
         self._micro_batches = 0
 
     # -- reduce -> project -------------------------------------------------------------------------------
-    def project(self) -> StepResult:
-        """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns."""
+    def project(self, group_tokens: torch.Tensor | None = None) -> StepResult:
+        """Reduce per task across ranks, form global block Grams, derive weights, combine this rank's columns.
+        ``group_tokens`` [num_tasks]: the step's labelled units per group, summed over ranks (gram 'debiased')."""
         region, index = self.grads.reduced_region(), self.comm.rank
         grams = self.comm.sum_grams(block_grams(region, index, self.layout, self.grad_tasks))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
+        halves = isinstance(self.combiner, Debiased)
+        if halves:
+            if group_tokens is None:
+                raise ValueError("gram 'debiased': project(group_tokens=...) needs the step's units per half-group")
+            self.combiner.observe_counts(group_tokens)
         if skipped:
             weights = torch.zeros(self.layout.num_blocks, self.num_tasks, dtype=torch.float64)
         else:
             weights = self.combiner.weights(grams, order)
         combined = combine_region(region, index, self.layout, weights)
+        if halves:  # what a step sees per TASK: the tasks' Gram and weights (telemetry, logs)
+            grams, weights = self.combiner.task_grams(grams), weights[:, ::2]
         conflict, cosine = gram_telemetry(grams)
         coefficients = None
         if self.loss_only and self._micro_batches:

@@ -32,6 +32,7 @@ def diagnose_config(cfg: Config, steps: int) -> Config:
         update={
             "strategy": "joint",
             "strategy_options": {},
+            "gram": "raw",
             "packing": False,
             "steps": steps,
             "epochs": None,

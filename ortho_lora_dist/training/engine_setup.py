@@ -77,6 +77,8 @@ def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, opti
         reduce=reduce,
         bucket_mb=tc.bucket_mb,
         buffer_dtype=tc.buffer_dtype,
+        gram=tc.gram,
+        gram_ema_beta=tc.gram_ema_beta,
     )
 
 

@@ -54,7 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False, halves: bool = False) -> None:
         """``halves``: capture every task's two halves apart (2T groups, joint training; study/diagnose.py)."""
-        self.halves = halves
+        self.halves = halves or cfg.train.gram == "debiased"  # debiased: each task's two halves captured apart
         self.cfg, self.telemetry, self.run = cfg, None, RunDir(cfg.output_dir)
         self.log_failure: Exception | None = None  # a failed metrics write, agreed on at the next step boundary
         self.stop = StopSignals()
@@ -233,7 +233,7 @@ class Trainer:
                 self.olr.backward(parts, self.loss_weights.repeat_interleave(2))
                 continue
             self.olr.backward(parts, self.loss_weights, share=share)
-        result = self.olr.project()
+        result = self.olr.project(self.group_counts[0] if self.halves else None)
         self.engine.apply(result)
         return result, losses
 
