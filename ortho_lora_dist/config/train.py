@@ -38,6 +38,11 @@ class TrainConfig(Strict):
     two half-gradients: the signal without the noise tr(Sigma_t)/n_t; twice the per-task buffer and traffic; not with
     packing) or ema (an exponential moving average of the Grams over steps, gram_ema_beta); docs/guides/diagnose.md"""
     gram_ema_beta: float = Field(0.9, ge=0, lt=1, description="gram ema: E <- beta E + (1 - beta) G per step")
+    noise_every: int = Field(0, ge=0)
+    """log each task's gradient signal and noise every N steps (0: off): signal share, noise scale B_t and the debiased
+    conflict C_st with its CI over the last N steps, overall and per block kind (attention, mlp), as `noise` records
+    in metrics.jsonl (docs/guides/diagnose.md). Captures each task's two halves every step: twice the per-task
+    buffer and traffic; not with packing; N >= 2"""
     granularity: Literal["factor", "module", "global"] = "factor"
     """the blocks a rule combines per: factor (every lora_A / lora_B: the paper's), module, or global"""
     mode: Literal["one_backward", "reference"] = "one_backward"
@@ -146,6 +151,11 @@ class TrainConfig(Strict):
             raise ValueError(f"train.gram {self.gram!r} needs a Gram rule; {self.strategy!r} is loss-only (no Grams)")
         if self.gram == "debiased" and self.packing:
             raise ValueError("train.gram 'debiased' splits each task's rows in two halves: set train.packing: false")
+        if self.noise_every and (self.packing or is_loss_only(self.strategy) or self.noise_every < 2):
+            raise ValueError(
+                "train.noise_every captures each task's two halves by rows: it needs train.packing: false, a Gram "
+                f"rule (not {self.strategy!r} if loss-only) and N >= 2 steps per window (got {self.noise_every})"
+            )
         if self.gram != "raw" and self.mode != "one_backward":
             raise ValueError(f"train.gram {self.gram!r} needs train.mode: one_backward")
         return self

@@ -25,7 +25,7 @@ from ortho_lora_dist.core.layout import Layout, build_layout
 from ortho_lora_dist.core.order import TaskOrder
 from ortho_lora_dist.core.reference import reference_task_grads
 from ortho_lora_dist.core.strategies import STRATEGIES, get_spec, make_strategy
-from ortho_lora_dist.core.strategies.signal import Debiased, with_gram_estimate
+from ortho_lora_dist.core.strategies.signal import HalfGroups, with_gram_estimate
 
 Mode = Literal["one_backward", "reference"]
 MODES = ("one_backward", "reference")
@@ -46,6 +46,8 @@ class StepResult:
     mean_cosine: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B]
     # a loss-only rule: the Grams are of ONE gradient (no per-task ones); its mean loss coefficients a_t [T]
     loss_coefficients: torch.Tensor | None = None
+    # a capture of 2T half-groups: their [B, 2T, 2T] Grams (grams / weights above are then the T tasks')
+    group_grams: torch.Tensor | None = None
 
     @property
     def per_task(self) -> bool:
@@ -90,13 +92,15 @@ class OrthoLoRA:
         buffer_dtype: str = "float32",
         gram: str = "raw",
         gram_ema_beta: float = 0.9,
+        halves: bool = False,
     ) -> None:
         spec = get_spec(strategy)  # ValueError naming the valid ones
         if gram != "raw" and (spec.loss_only or mode != "one_backward"):
             raise ValueError(
                 f"gram {gram!r} needs a Gram rule and the one-backward capture, not {strategy!r} / {mode!r}"
             )
-        if gram == "debiased" and num_tasks % 2:
+        halves = halves or gram == "debiased"  # the num_tasks groups are two halves of each of num_tasks / 2 tasks
+        if halves and num_tasks % 2:
             raise ValueError(
                 f"gram 'debiased' captures two half-groups per task: num_tasks must be even, got {num_tasks}"
             )
@@ -127,9 +131,9 @@ class OrthoLoRA:
         self.lora_params = [f.param for f in self.layout.factors]
         try:
             _check_trainable(model, {id(p) for p in self.lora_params}, self.task_params)
-            tasks = num_tasks // 2 if gram == "debiased" else num_tasks  # debiased: the groups are halves of tasks
+            tasks = num_tasks // 2 if halves else num_tasks
             rule = make_strategy(strategy, strategy_options, tasks, self.layout.num_blocks, seed)
-            self.combiner = with_gram_estimate(rule, gram, gram_ema_beta)
+            self.combiner = with_gram_estimate(rule, gram, gram_ema_beta, halves)
         except (ValueError, ImportError):
             if self.capture is not None:  # leave the model as it was
                 self.capture.remove()
@@ -218,16 +222,15 @@ class OrthoLoRA:
         grams = self.comm.sum_grams(block_grams(region, index, self.layout, self.grad_tasks))
         order = self.order.next()  # drawn every step, skipped or not, so ranks and resumes stay in step
         skipped = not bool(torch.isfinite(grams).all())
-        halves = isinstance(self.combiner, Debiased)
-        if halves:
-            if group_tokens is None:
-                raise ValueError("gram 'debiased': project(group_tokens=...) needs the step's units per half-group")
+        halves = isinstance(self.combiner, HalfGroups)
+        if halves and group_tokens is not None:
             self.combiner.observe_counts(group_tokens)
         if skipped:
             weights = torch.zeros(self.layout.num_blocks, self.num_tasks, dtype=torch.float64)
         else:
             weights = self.combiner.weights(grams, order)
         combined = combine_region(region, index, self.layout, weights)
+        group_grams = grams if halves else None
         if halves:  # what a step sees per TASK: the tasks' Gram and weights (telemetry, logs)
             grams, weights = self.combiner.task_grams(grams), weights[:, ::2]
         conflict, cosine = gram_telemetry(grams)
@@ -236,7 +239,9 @@ class OrthoLoRA:
             coefficients = self._step_coefficients / self._micro_batches
             self.combiner.balancer.end_step(self._step_losses / self._step_share.clamp_min(1e-300))
             self._reset_step_losses()
-        return StepResult(combined, index, order, weights, grams, skipped, conflict, cosine, coefficients)
+        return StepResult(
+            combined, index, order, weights, grams, skipped, conflict, cosine, coefficients, group_grams=group_grams
+        )
 
     def head_params(self) -> list[nn.Parameter]:
         return [p for t in sorted(self.task_params) for p in self.task_params[t]]

@@ -103,7 +103,7 @@ def diagnose(cfg: Config, steps: int = 30) -> dict:
         for _ in range(steps):
             result, _ = trainer.train_step()
             tokens, group_samples = trainer.group_counts
-            estimates.append(step_estimates(result.grams.sum(0), tokens, group_samples))
+            estimates.append(step_estimates(result.group_grams.sum(0), tokens, group_samples))
             samples.append(group_samples.view(-1, 2).sum(1))
             bar.update(1)
         bar.close()

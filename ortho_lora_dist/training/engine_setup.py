@@ -40,9 +40,10 @@ def choose_reduce(world: int, accum: int, tasks: int, params: int, value_bytes: 
     return choice, why
 
 
-def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, groups: int | None = None) -> OrthoLoRA:
+def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, halves: bool = False) -> OrthoLoRA:
     """The step: strategy, granularity, capture mode and reduction of ``train``; norm_balance's default preferences.
-    ``groups``: capture that many groups instead of the tasks (2T halves, joint: study/diagnose.py)."""
+    ``halves``: capture each task's two halves apart (2T groups: gram debiased, noise telemetry, diagnose)."""
+    groups = 2 * len(cfg.tasks) if halves else None
     tc = cfg.train
     reduce = tc.reduce
     if reduce == "auto":
@@ -57,12 +58,14 @@ def build_ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, groups: int 
         # (a task with loss_weight 0 has g_t = 0 and gets weight 0 whatever its preference)
         options["pref_vector"] = [t.loss_weight if t.loss_weight > 0 else 1.0 for t in cfg.tasks]
     try:
-        return _ortho_lora(cfg, model, info, reduce, options, groups or len(cfg.tasks))
+        return _ortho_lora(cfg, model, info, reduce, options, groups or len(cfg.tasks), halves)
     except ValueError as e:  # what the capture or the strategy refuses is the config's doing: one line, exit 2
         raise ConfigError(str(e)) from None
 
 
-def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, options: dict, groups: int) -> OrthoLoRA:
+def _ortho_lora(
+    cfg: Config, model: nn.Module, info: DistInfo, reduce: str, options: dict, groups: int, halves: bool
+) -> OrthoLoRA:
     tc = cfg.train
     return OrthoLoRA(
         model,
@@ -79,6 +82,7 @@ def _ortho_lora(cfg: Config, model: nn.Module, info: DistInfo, reduce: str, opti
         buffer_dtype=tc.buffer_dtype,
         gram=tc.gram,
         gram_ema_beta=tc.gram_ema_beta,
+        halves=halves,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ortho_lora_dist.core.diagnostics import leverage, pair_cosines
+from ortho_lora_dist.core.noise import step_estimates, summarise
 from ortho_lora_dist.core.step import StepResult
 from ortho_lora_dist.evaluation.evaluate import EvalResult
 
@@ -82,3 +83,44 @@ def eval_record(step: int, result: EvalResult | None) -> dict | None:
         if values:
             record[key] = {k: None if v is None else round(v, 6) for k, v in values.items()}
     return record
+
+
+ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv")
+MLP = ("mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj", "intermediate", "experts", "fc1", "fc2")
+
+
+def block_kind(name: str) -> str:
+    """attention, mlp or other, from a block's module name (granularity global: other)."""
+    n = name.lower()
+    return "attention" if any(k in n for k in ATTENTION) else "mlp" if any(k in n for k in MLP) else "other"
+
+
+def noise_step(group_grams: torch.Tensor, tokens: torch.Tensor, samples: torch.Tensor, kinds: list[str]) -> dict:
+    """One step's signal / noise estimates (core/noise.py) of all blocks and of each block kind."""
+    out = {"all": step_estimates(group_grams.sum(0), tokens, samples)}
+    for kind in sorted(set(kinds) - {"other"}):
+        sel = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        out[kind] = step_estimates(group_grams[sel].sum(0), tokens, samples)
+    return out
+
+
+def noise_record(step: int, names: list[str], window: list[dict], samples: torch.Tensor, seed: int) -> dict | None:
+    """The ``noise`` record of a window of steps: per block kind, each task's signal share and noise scale B_t
+    (samples per step beside it), each pair's debiased conflict C_st with its 95% bootstrap CI and raw mean cosine."""
+    pairs = [(s, t) for s in range(len(names)) for t in range(s + 1, len(names))]
+    out: dict = {}
+    for kind in window[0] if window else {}:
+        try:
+            r = summarise([w[kind] for w in window], samples, seed=seed)
+        except ValueError:  # fewer than 2 steps with both halves of every task
+            continue
+        lo, hi = r["conflict_ci"]
+        out[kind] = {
+            "signal_share": _rounded(names, r["signal_share"]),
+            "noise_scale": _rounded(names, r["noise_scale"], 1),
+            "samples_per_step": _rounded(names, r["samples_per_step"], 1),
+            "conflict": {f"{names[s]}/{names[t]}": round(r["conflict"][s][t], 4) for s, t in pairs},
+            "conflict_ci": {f"{names[s]}/{names[t]}": [round(lo[s][t], 4), round(hi[s][t], 4)] for s, t in pairs},
+            "raw_cosine": {f"{names[s]}/{names[t]}": round(r["raw_cosine"][s][t], 4) for s, t in pairs},
+        }
+    return {"step": step, "noise": out, "noise_window": len(window)} if out else None

@@ -18,7 +18,7 @@ from ortho_lora_dist.cli import main as cli
 from ortho_lora_dist.config import ConfigError, load_config
 from ortho_lora_dist.core.noise import debiased_grams, step_estimates
 from ortho_lora_dist.core.strategies import make_strategy
-from ortho_lora_dist.core.strategies.signal import Debiased, Ema, with_gram_estimate
+from ortho_lora_dist.core.strategies.signal import Ema, HalfGroups, with_gram_estimate
 from tests.app.test_app import make_config
 from tests.app.test_token_exact import _adapter, _assert_same, _config
 from tests.app.test_token_exact import setting as setting  # noqa: F401 (the fixture)
@@ -58,8 +58,8 @@ def test_wrapped_rules_are_the_plain_rule_on_their_gram():
     )
     tokens = torch.tensor([4.0, 4.0, 2.0, 6.0, 3.0, 3.0])
     for name in ("norm_balance", "ortho", "imtl_g"):
-        wrapped = with_gram_estimate(make_strategy(name, None, T, B), "debiased")
-        assert isinstance(wrapped, Debiased) and wrapped.num_tasks == 2 * T
+        wrapped = with_gram_estimate(make_strategy(name, None, T, B), "debiased", halves=True)
+        assert isinstance(wrapped, HalfGroups) and wrapped.num_tasks == 2 * T
         wrapped.observe_counts(tokens)
         w = wrapped.weights(H, [4, 5, 0, 1, 2, 3])  # the step's order over groups: tasks 2, 0, 1
         plain = make_strategy(name, None, T, B).weights(debiased_grams(H, tokens), [2, 0, 1])
@@ -135,3 +135,33 @@ def test_ema_resumes_bitwise(env, tmp_path):
     for f in ("adapter_model.safetensors", "heads.safetensors"):
         a, b = load_file(str(full / "adapter" / f)), load_file(str(cut / "adapter" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_noise_telemetry_logs_windows_and_leaves_the_update_alone(env, tmp_path):
+    """train.noise_every: 2: a `noise` record every 2 steps (overall and attention: BERT's query / value LoRA), with
+    every task's signal share and noise scale and the pair's debiased conflict with its CI; the update equals the run
+    without telemetry (ortho: the rule sees the halves' summed Gram, i.e. the step's)."""
+    import json
+
+    plain = make_config(env, tmp_path / "plain", steps=4, plots=False, strategy="ortho")
+    assert cli(["train", str(plain)]) == 0
+    cfg = yaml.safe_load(plain.read_text())
+    cfg["train"]["noise_every"] = 2
+    cfg["output_dir"] = str(tmp_path / "noise")
+    path = tmp_path / "noise.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["train", str(path)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "noise" / "metrics.jsonl").read_text().splitlines()]
+    noise = [r for r in records if "noise" in r]
+    assert [r["step"] for r in noise] == [2, 4] and all(r["noise_window"] == 2 for r in noise)
+    for r in noise:
+        assert set(r["noise"]) == {"all", "attention"}
+        entry = r["noise"]["all"]
+        assert set(entry["signal_share"]) == {"sentiment", "topic"}
+        assert abs(sum(entry["signal_share"].values()) - 1) < 1e-4 or sum(entry["signal_share"].values()) == 0
+        c, (lo, hi) = entry["conflict"]["sentiment/topic"], entry["conflict_ci"]["sentiment/topic"]
+        assert c is None or lo <= c <= hi  # None: undefined (a summed signal estimate <= 0), strict JSON
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "noise" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)

@@ -23,14 +23,16 @@ from ortho_lora_dist.core.strategies.base import Strategy
 GRAM_ESTIMATES = ("raw", "debiased", "ema")
 
 
-class Debiased(Strategy):
-    """The inner rule on debiased_grams of the 2T half-groups; weights [B, 2T] (each half takes its task's w_t)."""
+class HalfGroups(Strategy):
+    """The capture holds 2T half-groups (group 2t + h: task t's half h); the inner T-task rule sees the tasks' Gram,
+    raw (the halves summed: what a step sees) or debiased (debiased_grams); weights [B, 2T], each half taking its
+    task's w_t, so the update is sum_t w_t (h_t^a + h_t^b) = sum_t w_t g_t."""
 
     groups_per_task = 2
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, debiased: bool) -> None:
         super().__init__(inner.name, 2 * inner.num_tasks, inner.num_blocks)
-        self.inner = inner
+        self.inner, self.debiased = inner, debiased
         self.tokens: torch.Tensor | None = None
 
     def observe_counts(self, tokens: torch.Tensor) -> None:
@@ -43,14 +45,17 @@ class Debiased(Strategy):
         return grams.view(B, G // 2, 2, G // 2, 2).sum((2, 4))
 
     def _weights(self, grams: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-        if self.tokens is None:
+        if not self.debiased:
+            D = self.task_grams(grams)
+        elif self.tokens is None:
             raise RuntimeError("debiased Gram: observe_counts(tokens) must be called before each step's weights")
-        D = debiased_grams(grams, self.tokens).to(grams.device)
+        else:
+            D = debiased_grams(grams, self.tokens).to(grams.device)
         w = self.inner.weights(D, [g // 2 for g in order if g % 2 == 0])  # the step's order, over tasks
         return w.repeat_interleave(2, dim=-1)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "gram": "debiased", "inner": self.inner.state_dict()}
+        return {**super().state_dict(), "debiased": self.debiased, "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
@@ -83,10 +88,12 @@ class Ema(Strategy):
         self.inner.load_state_dict(state["inner"])
 
 
-def with_gram_estimate(inner: Strategy, gram: str, beta: float = 0.9) -> Strategy:
-    """``inner`` acting on the raw step Gram (raw), the debiased one (2T half-groups) or its EMA."""
+def with_gram_estimate(inner: Strategy, gram: str, beta: float = 0.9, halves: bool = False) -> Strategy:
+    """``inner`` acting on the raw step Gram (raw), the debiased one or an EMA of the raw one; ``halves``: the capture
+    holds 2T half-groups (needed by debiased; also for noise telemetry alongside any rule)."""
     if gram not in GRAM_ESTIMATES:
         raise ValueError(f"gram must be one of {GRAM_ESTIMATES}, got {gram!r}")
-    if gram == "raw":
-        return inner
-    return Debiased(inner) if gram == "debiased" else Ema(inner, beta)
+    if gram == "debiased" and not halves:
+        raise ValueError("gram 'debiased' needs the capture of each task's two halves (halves=True)")
+    rule = Ema(inner, beta) if gram == "ema" else inner
+    return HalfGroups(rule, debiased=gram == "debiased") if halves else rule
