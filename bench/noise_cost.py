@@ -52,6 +52,8 @@ def main() -> None:
                 trainer.train_step()
                 if step:  # the first step warms up (allocations, kernels)
                     times[k].append(clock() - start)
+            print(f"round {step}/{args.steps}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v),
+                  file=sys.stderr, flush=True)  # fmt: skip
     finally:
         for trainer in trainers.values():
             trainer.cleanup()
