@@ -75,7 +75,7 @@ def fingerprint(tasks: list[TaskConfig], extra: dict[str, Any]) -> str:
         if t.dataset is not None and Path(t.dataset).is_dir():
             files["dataset"] = [str(Path(t.dataset).resolve()), _source_stats(t.dataset)]
         parts["tasks"].append({"config": t.model_dump(mode="json"), "files": files})
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    blob = jsonio.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
