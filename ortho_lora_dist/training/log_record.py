@@ -124,3 +124,28 @@ def noise_record(step: int, names: list[str], window: list[dict], samples: torch
             "raw_cosine": {f"{names[s]}/{names[t]}": round(r["raw_cosine"][s][t], 4) for s, t in pairs},
         }
     return {"step": step, "noise": out, "noise_window": len(window)} if out else None
+
+
+class NoiseWindow:
+    """train.noise_every: each step's estimates of all blocks and per kind; every ``every`` steps the window's
+    ``noise`` record (None on a step that closes no window, or when no step of it had both halves of every task)."""
+
+    def __init__(self, every: int, names: list[str], block_names: tuple[str, ...], seed: int, main: bool) -> None:
+        self.every, self.names, self.seed, self.main = every, names, seed, main  # only rank 0 summarises
+        self.kinds = [block_kind(n) for n in block_names]
+        self.steps: list[tuple[dict, torch.Tensor]] = []
+
+    def add(
+        self, step: int, group_grams: torch.Tensor | None, counts: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict | None:
+        """This step's half-group Grams (None: a skipped step) and (tokens, samples) per group [2T]."""
+        if group_grams is not None:
+            tokens, samples = counts
+            self.steps.append((noise_step(group_grams, tokens, samples, self.kinds), samples))
+        if step % self.every:
+            return None
+        window, self.steps = self.steps, []
+        if not window or not self.main:
+            return None
+        per_step = torch.stack([s for _, s in window]).double().mean(0).view(-1, 2).sum(1)
+        return noise_record(step, self.names, [w for w, _ in window], per_step, self.seed)

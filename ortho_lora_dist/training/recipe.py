@@ -40,7 +40,7 @@ from ortho_lora_dist.runtime.signals import StopSignals
 from ortho_lora_dist.training import checkpoint as ckpt
 from ortho_lora_dist.training.engine_setup import build_engine, build_ortho_lora
 from ortho_lora_dist.training.halves import group_counts, halved
-from ortho_lora_dist.training.log_record import block_kind, eval_record, noise_record, noise_step, step_record
+from ortho_lora_dist.training.log_record import NoiseWindow, eval_record, step_record
 from ortho_lora_dist.training.resume import check_engine_resume, check_resume
 from ortho_lora_dist.training.run_dir import RunDir
 from ortho_lora_dist.training.state import TrainingFailed, TrainState
@@ -56,7 +56,6 @@ class Trainer:
         """``halves``: capture every task's two halves apart (2T groups, joint training; study/diagnose.py)."""
         # each task's two halves captured apart: diagnose, gram debiased, noise telemetry
         self.halves = halves or cfg.train.gram == "debiased" or cfg.train.noise_every > 0
-        self.noise_window: list = []  # noise telemetry: this window's per-step estimates
         self.cfg, self.telemetry, self.run = cfg, None, RunDir(cfg.output_dir)
         self.log_failure: Exception | None = None  # a failed metrics write, agreed on at the next step boundary
         self.stop = StopSignals()
@@ -88,6 +87,8 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = load_run_model(cfg, self.tasks, self.info.device, self.info.world, tokenizer)
         self.olr = build_ortho_lora(cfg, self.model, self.info, halves=self.halves)
+        names, blocks = [t.name for t in self.tasks], self.olr.layout.block_names
+        self.noise = NoiseWindow(tc.noise_every, names, blocks, tc.seed, self.info.main) if tc.noise_every else None
         self.group_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # halves: the last step's (tokens, samples)
         sizes = [len(t.splits["train"]) for t in self.tasks]
         self.sampler = MultiTaskSampler(
@@ -181,8 +182,11 @@ class Trainer:
             if state.step % tc.log_every == 0 or state.step == self.total_steps:
                 self._log_step(result, losses, time.perf_counter() - t0)
                 t0 = time.perf_counter()
-            if tc.noise_every:
-                self._log_noise(result)
+            if self.noise is not None:  # train.noise_every
+                grams = None if result.skipped else result.group_grams
+                record = self.noise.add(state.step, grams, self.group_counts)
+                if record is not None and self.telemetry is not None:
+                    self._log(record)
             bar.update(1)
             if self.info.main:
                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.names, losses.tolist())})
@@ -254,22 +258,6 @@ class Trainer:
             seconds_per_step=seconds / self.cfg.train.log_every,
         )
         self._log(record, blocks)
-
-    def _log_noise(self, result: StepResult) -> None:
-        """Noise telemetry: this step's estimates into the window; every train.noise_every steps, a ``noise`` record."""
-        if not result.skipped and result.group_grams is not None:
-            tokens, samples = self.group_counts
-            kinds = [block_kind(n) for n in self.olr.layout.block_names]
-            self.noise_window.append((noise_step(result.group_grams, tokens, samples, kinds), samples))
-        if self.state.step % self.cfg.train.noise_every == 0:
-            window, self.noise_window = self.noise_window, []
-            if self.info.main and self.telemetry is not None and window:
-                per_step = torch.stack([s for _, s in window]).double().mean(0).view(-1, 2).sum(1)
-                record = noise_record(
-                    self.state.step, self.names, [w for w, _ in window], per_step, self.cfg.train.seed
-                )
-                if record is not None:
-                    self._log(record)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, split: str, stop=None) -> EvalResult | None:
