@@ -231,3 +231,71 @@ def without_dropout(cfg: dict, where) -> None:
     (where / "config.json").write_text(json.dumps(mc))
     cfg["model"]["name_or_path"] = str(where)
     cfg["lora"]["dropout"] = 0.0
+
+
+# The model families users fine-tune, each a tiny random config of its real architecture (transformers' own classes).
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"]
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FAMILY_TARGETS = {  # LoRA targets: attention + MLP + lm_head. The MoE families' experts are fused parameters under
+    # transformers 5: Mixtral's get PEFT ParamWrappers (refused by name), so attention + lm_head; on Qwen2-MoE the
+    # MLP names reach its shared expert only (PEFT leaves the fused experts and the router unadapted)
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],  # fused qkv / gate_up
+    "mixtral": [*_ATTENTION, "lm_head"],
+}
+
+
+def family_config(family: str, vocab: int = 64):
+    """(model class, tiny config) of ``family``: 2 layers, hidden 32, 4 heads / 2 KV heads, sdpa (Gemma 2: eager,
+    which is where it applies attention soft-capping); Gemma: final logit soft-capping 5, tied embeddings."""
+    import transformers as tr
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    if family == "llama":
+        return tr.LlamaForCausalLM, tr.LlamaConfig(**common)
+    if family == "qwen2":
+        return tr.Qwen2ForCausalLM, tr.Qwen2Config(**common)
+    if family == "qwen3":
+        return tr.Qwen3ForCausalLM, tr.Qwen3Config(head_dim=8, **common)
+    if family == "mistral":
+        return tr.MistralForCausalLM, tr.MistralConfig(**common)
+    if family == "gemma2":
+        eager = {**common, "attn_implementation": "eager"}
+        return tr.Gemma2ForCausalLM, tr.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, **eager)
+    if family == "gemma3":
+        return tr.Gemma3ForCausalLM, tr.Gemma3TextConfig(head_dim=8, final_logit_softcapping=5.0, **common)
+    if family == "phi3":
+        return tr.Phi3ForCausalLM, tr.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    if family == "mixtral":
+        return tr.MixtralForCausalLM, tr.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+    if family == "qwen2_moe":
+        return tr.Qwen2MoeForCausalLM, tr.Qwen2MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=24, **common
+        )
+    raise ValueError(family)
+
+
+def family_lora(base, family: str, seed: int = 0):
+    """PEFT LoRA r=4 on ``family``'s targets, random non-zero B (both factors get gradients), no dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = FAMILY_TARGETS.get(family, [*_ATTENTION, "gate_proj", "up_proj", "down_proj", "lm_head"])
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(base, lora)
+
+
+def save_family(family: str, path, vocab: int = 64) -> str:
+    """The tiny ``family`` model (seeded weights) saved for from_pretrained (a quantized load, other processes)."""
+    cls, cfg = family_config(family, vocab)
+    torch.manual_seed(1234)
+    cls(cfg).save_pretrained(path)
+    return str(path)

@@ -76,6 +76,8 @@ class CaptureState:
         self.tokens = False  # per-token task ids: the factors' inputs are [batch, seq, features]
         self.groups: Groups = []
         self.gathered: tuple[int, Groups] | None = None  # (N, groups) of the gathered rows, if declared
+        self.seq = 0  # tokens per row: per-token ids' width, else the first [batch, seq, features] input's seq
+        self._flat: dict[int, Groups] = {}  # per-sample ids: groups of the flattened [batch * seq] tokens, by seq
         self._anchors: dict[torch.device, torch.Tensor] = {}
 
     def anchor(self, device: torch.device) -> torch.Tensor:
@@ -88,7 +90,8 @@ class CaptureState:
     def set_tasks(self, task_ids: torch.Tensor, gathered: torch.Tensor | None = None) -> None:
         """Declare the task of every sample (``task_ids`` [batch]) or of every token (``task_ids`` [batch, seq], -1:
         padding, in no task: packed rows) of the next forward/backward; ``gathered`` [N]: the task of each row of a
-        gathered [N, features] input (the labelled positions that lm_head alone sees)."""
+        gathered [N, features] input (the labelled positions that lm_head alone sees). A [batch * seq, features] input
+        is read as the batch's tokens flattened row-major (see _route)."""
         task_ids = torch.as_tensor(task_ids).long()
         if task_ids.dim() > 2 or task_ids.numel() == 0:
             shape = tuple(task_ids.shape)
@@ -112,6 +115,19 @@ class CaptureState:
         self.grads.start_micro_batch()
         self.task_ids, self.shape = task_ids, tuple(task_ids.shape)
         self.batch = self.shape[0]
+        self.seq = self.shape[1] if self.tokens else 0
+        self._flat = {}
+
+    def flat_groups(self, rows: int) -> Groups | None:
+        """Groups of a [batch * seq, features] input, the batch's tokens flattened row-major (an MoE block's shared
+        expert sees them so), or None when ``rows`` is not batch * seq."""
+        if not self.seq or rows != self.batch * self.seq:
+            return None
+        if self.tokens:
+            return self.groups
+        if self.seq not in self._flat:
+            self._flat[self.seq] = _task_groups(self.task_ids.repeat_interleave(self.seq), self.num_tasks)
+        return self._flat[self.seq]
 
 
 def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> RuntimeError:
@@ -133,12 +149,22 @@ def _bad_input(module: _TaskLinear, x: torch.Tensor, state: CaptureState) -> Run
     )
 
 
-def _route(x: torch.Tensor, state: CaptureState) -> tuple[Groups, bool] | None:
-    """(groups, per-token rows) of a factor's input ``x``, or None when its shape matches no declared split."""
+def _route(x: torch.Tensor, state: CaptureState, name: str) -> tuple[Groups, bool] | None:
+    """(groups, per-token rows) of a factor's input ``x``, or None when its shape matches no declared split.
+
+    A 2-D input of batch * seq rows is the batch's tokens flattened row-major (e.g. Qwen2-MoE's shared expert and
+    its gate). Not under an ``experts`` module: a routed expert sees a SUBSET of the tokens in routing order, which
+    could number batch * seq and still not be that order, so its factors are refused instead of guessed."""
     if state.gathered is not None and x.dim() == 2 and x.shape[0] == state.gathered[0]:
         return state.gathered[1], False  # lm_head on the labelled positions: one row per declared position
+    if x.dim() == 2 and ".experts." not in name:
+        flat = state.flat_groups(x.shape[0])
+        if flat is not None:
+            return flat, False
     if state.tokens:
         return (state.groups, True) if x.dim() == 3 and tuple(x.shape[:2]) == state.shape else None
+    if x.dim() == 3 and x.shape[0] == state.batch and not state.seq:
+        state.seq = x.shape[1]  # the first [batch, seq, features] input of the forward tells seq
     return (state.groups, False) if x.dim() >= 2 and x.shape[0] == state.batch else None
 
 
@@ -172,7 +198,7 @@ class _TaskLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, module: _TaskLinear) -> torch.Tensor:
         state = module._olr_state
-        route = _route(x, state)
+        route = _route(x, state, module._olr_name)
         if route is None:
             raise _bad_input(module, x, state)
         ctx.x_dtype = x.dtype

@@ -191,6 +191,52 @@ def test_refuses_unbatched_input(llama_dir):
         lm_task_losses(model, ids, torch.tensor([0, 1, 2]), T, mask)
 
 
+class _FlatMoE(torch.nn.Module):
+    """[batch, seq, h] -> a projection, then a shared MLP on the flattened tokens and a routed "expert" that sees
+    every token in a routing order (a permutation): the case a 2-D input of batch * seq rows must not be guessed."""
+
+    def __init__(self, h: int = 8) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(h, h)
+        self.shared = torch.nn.Linear(h, h)
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(h, h)])
+
+    def forward(self, x: torch.Tensor, routed: bool) -> torch.Tensor:
+        b, s, h = x.shape
+        flat = self.proj(x).reshape(-1, h)
+        out = self.shared(flat)
+        if routed:
+            order = torch.arange(b * s).flip(0)
+            out = out.index_add(0, order, self.experts[0](flat[order]))
+        return out.view(b, s, h)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_flattened_tokens_captured_exactly_and_routed_experts_refused(routed):
+    """A LoRA factor fed the batch's tokens flattened row-major (Qwen2-MoE's shared expert) is captured per task ==
+    T backward passes; one under ``experts`` fed as many rows is refused, never assigned tasks by guess."""
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        torch.manual_seed(0)
+        cfg = LoraConfig(r=2, target_modules=["proj", "shared", "0"], init_lora_weights=False)
+        return get_peft_model(_FlatMoE(), cfg)
+
+    x, tids = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([2, 0, 1, 0])
+
+    def run(model, olr):
+        olr.set_tasks(tids)
+        per_sample = model(x, routed=routed).pow(2).mean(dim=(1, 2))
+        olr.backward(torch.stack([per_sample[tids == t].mean() for t in range(T)]))
+
+    if routed:
+        with pytest.raises(RuntimeError, match=r"experts\.0.*got input of shape \(20, 8\)"):
+            both(build, run)
+        return
+    (one, _), (ref, _) = both(build, run)
+    assert float(ref.buffer.abs().max()) > 0 and rel(one.buffer, ref.buffer) < 1e-6
+
+
 def test_remove_restores_plain_linear(llama_dir):
     model = lora_llama(llama_dir)
     olr = OrthoLoRA(model, T)

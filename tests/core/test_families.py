@@ -2,12 +2,14 @@
 classes): per-task LoRA gradients from one backward == T backward passes; packed rows == padded rows (or the
 refusal naming why); the loss on the labelled positions only == the loss from the model's full logits (Gemma's
 final logit soft-capping included); LoRA on lm_head with the family's tied / untied embeddings. fp32, 1e-5 relative.
-The 2-rank FSDP2 / DDP checks of the application run on Llama (tests/core/test_engine_resume.py,
-tests/app/test_token_exact.py); the MoE families' experts are fused parameters under transformers 5 (refused by
-name, tests/core/test_lm_head_moe.py), so their LoRA sits on attention here.
+FSDP2 at 2 ranks and an NF4 base per family: tests/core/test_families_distributed.py. The MoE families' experts
+and routers are fused parameters under transformers 5 (PEFT ParamWrapper: refused by name, below), so their LoRA
+sits on attention here. What each family supports, as these tests check it: tests/family_support.py.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -18,70 +20,16 @@ from ortho_lora_dist.core.losses import task_mean
 from ortho_lora_dist.data.packing import pack
 from ortho_lora_dist.models.lm_head import check_packing, labelled_tasks, labelled_token_losses
 from tests.core.test_lm_head_moe import _padded, _samples, rel  # the same batches: answers of 1-6 tokens
+from tests.family_support import cell
+from tests.models import FAMILIES, family_config, family_lora
 
 T, VOCAB = 3, 64
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    attn_implementation="sdpa",
-)
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def _config(family: str):
-    import transformers as tr
-
-    if family == "llama":
-        return tr.LlamaForCausalLM, tr.LlamaConfig(**COMMON)
-    if family == "qwen2":
-        return tr.Qwen2ForCausalLM, tr.Qwen2Config(**COMMON)
-    if family == "qwen3":
-        return tr.Qwen3ForCausalLM, tr.Qwen3Config(head_dim=8, **COMMON)
-    if family == "mistral":
-        return tr.MistralForCausalLM, tr.MistralConfig(**COMMON)
-    if family == "gemma2":  # soft-capped attention and final logits; tied embeddings
-        common = {**COMMON, "attn_implementation": "eager"}  # Gemma 2 runs attention soft-capping in eager only
-        return tr.Gemma2ForCausalLM, tr.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, **common)
-    if family == "gemma3":
-        return tr.Gemma3ForCausalLM, tr.Gemma3TextConfig(head_dim=8, final_logit_softcapping=5.0, **COMMON)
-    if family == "phi3":  # fused qkv_proj / gate_up_proj
-        return tr.Phi3ForCausalLM, tr.Phi3Config(pad_token_id=0, **COMMON)
-    if family == "mixtral":
-        return tr.MixtralForCausalLM, tr.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **COMMON)
-    if family == "qwen2_moe":
-        return tr.Qwen2MoeForCausalLM, tr.Qwen2MoeConfig(
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=24,
-            **COMMON,
-        )
-    raise ValueError(family)
-
-
-TARGETS = {
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
-    "mixtral": [*ATTENTION, "lm_head"],
-    "qwen2_moe": [*ATTENTION, "lm_head"],
-}
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"]
 
 
 def _model(family: str, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
-    cls, cfg = _config(family)
+    cls, cfg = family_config(family, VOCAB)
     torch.manual_seed(1234)
-    base = cls(cfg).float()
-    targets = TARGETS.get(family, [*ATTENTION, "gate_proj", "up_proj", "down_proj", "lm_head"])
-    torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
-    return get_peft_model(base, lora)
+    return family_lora(cls(cfg).float(), family, seed)
 
 
 def _ids(batch: dict) -> torch.Tensor:
@@ -104,6 +52,8 @@ def _task_grads(family: str, batch: dict, mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family(family):
+    """One backward == T backward passes; the labelled-positions loss == full logits; packed == padded; the LoRA
+    targets include lm_head (tied or untied as the family's config says: tests/family_support.py)."""
     padded = _padded(*_samples())
     one, ref = _task_grads(family, padded, "one_backward"), _task_grads(family, padded, "reference")
     assert float(ref.abs().max()) > 0 and rel(one, ref) < 1e-5, "one backward == T backward passes"
@@ -117,11 +67,7 @@ def test_family(family):
         want = task_mean(full, labelled_tasks(padded["labels"], padded["task_ids"]), T)
         torch.testing.assert_close(_losses(model, padded), want, rtol=1e-5, atol=1e-6)
 
-    try:
-        check_packing(model.base_model.model, family)
-    except ValueError as e:  # a refusal must name the reason; never silently wrong
-        assert "packing" in str(e)
-        return
+    check_packing(model.base_model.model, family)  # every family builds its masks through masking_utils
     packed = pack(*_samples(), 24, 0)
     assert rel(_task_grads(family, packed, "one_backward"), ref) < 1e-5, "packed rows == padded rows"
 
@@ -137,3 +83,25 @@ def test_gemma_soft_capping_is_applied_to_the_labelled_logits():
     with torch.no_grad():
         got = labelled_logits(model, padded["input_ids"], padded["attention_mask"], pick)
     assert float(got.abs().max()) <= 5.0 + 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_moe_experts_is_refused_by_name(family):
+    """``all-linear`` on Mixtral reaches its fused experts and router (PEFT ParamWrapper): one error naming them,
+    never a silent zero gradient; on Qwen2-MoE PEFT adapts the shared expert and leaves the fused experts and router
+    as they are; a dense family has none, and all-linear builds."""
+    from peft import LoraConfig, get_peft_model
+
+    cls, cfg = family_config(family, VOCAB)
+    torch.manual_seed(0)
+    model = get_peft_model(cls(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    said = cell(family, "LoRA on MoE experts / router")
+    if said.startswith("refused"):
+        with pytest.raises(ValueError, match=r"mlp\.(gate|experts).*ParamWrapper.*never train"):
+            OrthoLoRA(model, T)
+        return
+    assert OrthoLoRA(model, T).capture is not None
+    adapted = {n for n, p in model.named_parameters() if p.requires_grad and re.search(r"mlp\.(gate|experts)\.", n)}
+    assert not adapted, adapted  # "not adapted": PEFT leaves them as they are (no trainable factor left unseen)
+    if said.startswith("not adapted"):
+        assert any("shared_expert." in n for n, p in model.named_parameters() if p.requires_grad)

@@ -52,3 +52,12 @@ def test_readme_is_short_and_its_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), target
+
+
+def test_readme_support_table_is_the_tests_declaration():
+    """The README's family x feature table is written from tests/family_support.py, whose every cell a test asserts
+    (tests/core/test_families.py, tests/core/test_families_distributed.py)."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/support_table.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
