@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.models import save_app_models, write_app_tasks
+from tests.models import save_app_models, without_dropout, write_app_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -71,11 +71,11 @@ def config(app, name: str, engine: str = "ddp", steps: int = 40) -> Path:
     return path
 
 
-def sbatch(env, script: str, cfg: Path, log: Path) -> str:
+def sbatch(env, script: str, cfg: Path, log: Path, nproc: int = 1) -> str:
     run_env = {
         **env,
         "CONFIG": str(cfg),
-        "NPROC_PER_NODE": "1",
+        "NPROC_PER_NODE": str(nproc),
         "VENV": str(Path(os.sys.executable).parent.parent),
         "DS_ACCELERATOR": "cpu",
         "HF_HUB_OFFLINE": "1",
@@ -136,6 +136,37 @@ def test_torchrun_two_nodes(cluster, app, tmp_path):
     assert wait_done(cluster, job, log) == "COMPLETED", log.read_text()[-3000:]
     check_outputs(app["root"] / "torchrun", log)
     assert log.read_text().count("--nnodes=2 --nproc-per-node=1") == 2, "one torchrun agent per node"
+
+
+def test_two_nodes_two_ranks_each_equal_one_process(cluster, app, tmp_path):
+    """The shipped torchrun sbatch at 2 nodes x 2 ranks (4 gloo ranks, 1 sample per task each) ends with the
+    adapter and heads that one process trains on the same global batch (dropout off: its masks are per-rank
+    random streams), to 1e-5."""
+    cfg = yaml.safe_load(config(app, "four", steps=6).read_text())
+    without_dropout(cfg, tmp_path / "bert")
+    runs = {}
+    for name, per_rank in (("four", 1), ("one", 4)):  # per_task_batch_size is per rank: the same global batch
+        cfg["output_dir"] = str(app["root"] / name)
+        cfg["train"]["per_task_batch_size"] = per_rank
+        runs[name] = app["root"] / f"{name}.yaml"
+        runs[name].write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "four.out"
+    job = sbatch(cluster, "slurm/train_torchrun.sbatch", runs["four"], log, nproc=2)
+    assert wait_done(cluster, job, log) == "COMPLETED", log.read_text()[-3000:]
+    assert log.read_text().count("--nnodes=2 --nproc-per-node=2") == 2, "two ranks on each of the two nodes"
+    one = subprocess.run(
+        [os.sys.executable, "-m", "ortho_lora_dist.cli", "train", str(runs["one"])],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    for f in ("adapter/adapter_model.safetensors", "adapter/heads.safetensors"):
+        a, b = load_file(str(app["root"] / "one" / f)), load_file(str(app["root"] / "four" / f))
+        num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+        assert a.keys() == b.keys() and num / sum(float(a[k].pow(2).sum()) for k in a) ** 0.5 < 1e-5, f
 
 
 def test_deepspeed_two_nodes(cluster, app, tmp_path):
