@@ -1,17 +1,24 @@
-"""A causal-LM pair whose true gradients oppose by construction: the LLM demo's basic_arithmetic prompts twice, as
-``arith`` (the right answers) and ``arith_shifted`` (the same prompts, every digit d of the answer replaced by
-(d + 5) mod 10: "-64" -> "-19", same format and length, a contradictory target at every digit position). Both tasks
-see the same inputs, so whatever raises the probability of one answer's digits lowers the other's: diagnose must
-call the pair a conflict, and a projection rule has real conflict to act on.
+"""Causal-LM pairs whose true gradients oppose by construction, for ``ortho-lora diagnose`` and the rules.
 
-    python bench/conflict_llm.py --src data/demo_llm/basic_arithmetic --out data/conflict_llm
-    ortho-lora diagnose data/conflict_llm/config.yaml --steps 30
+``--kind shift``: the LLM demo's basic_arithmetic prompts twice, as ``arith`` (the right answers) and
+``arith_shifted`` (the same prompts, every digit d of the answer replaced by (d + 5) mod 10: "-64" -> "-19", same
+format and length, a contradictory target at every digit position). The shared part (format, sign, end of turn) is
+aligned; the digits contradict.
+
+``--kind flip``: ``parity`` asks "Is N an even number?" for random integers N (answer "yes" / "no", right) and
+``parity_flipped`` asks the same questions of the same N with the opposite answer: no shared part beyond the turn's
+end, a one-token target that the other task contradicts on every prompt. Scored on ``parity`` alone (the flipped
+task is the antagonist): single-task training shows what ``parity`` reaches without it.
+
+    python bench/conflict_llm.py --kind flip --out data/conflict_flip
+    ortho-lora diagnose data/conflict_flip/config.yaml --steps 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -25,8 +32,27 @@ def shifted(answer: str) -> str:
     return "".join(str((int(c) + 5) % 10) if c.isdigit() else c for c in answer)
 
 
-def write_pair(src: Path, out: Path) -> Path:
-    """arith/, arith_shifted/ (train, validation, test JSONL) and config.yaml (the LLM demo's settings) in ``out``."""
+def write_flip(out: Path, sizes: tuple[int, ...] = (512, 64, 128), seed: int = 0) -> list[str]:
+    """parity/ and parity_flipped/ (train, validation, test JSONL: the same integers, disjoint across splits)."""
+    rng = random.Random(seed)
+    numbers = rng.sample(range(10, 100_000), sum(sizes))
+    lo = 0
+    for split, n in zip(SPLITS, sizes):
+        for name, flip in (("parity", False), ("parity_flipped", True)):
+            path = out / name / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = ""
+            for k in numbers[lo : lo + n]:
+                even = (k % 2 == 0) != flip
+                q = {"role": "user", "content": f"Is {k} an even number? Answer yes or no."}
+                text += json.dumps({"messages": [q, {"role": "assistant", "content": "yes" if even else "no"}]}) + "\n"
+            path.write_text(text)
+        lo += n
+    return ["parity", "parity_flipped"]
+
+
+def write_shift(src: Path, out: Path) -> list[str]:
+    """arith/ and arith_shifted/ (train, validation, test JSONL) from the LLM demo's basic_arithmetic."""
     for split in SPLITS:
         rows = [json.loads(x) for x in (src / f"{split}.jsonl").read_text().splitlines() if x.strip()]
         for name, answer in (("arith", lambda a: a), ("arith_shifted", shifted)):
@@ -38,7 +64,11 @@ def write_pair(src: Path, out: Path) -> Path:
                 msgs[-1]["content"] = answer(msgs[-1]["content"])
                 text += json.dumps({"messages": msgs}) + "\n"
             path.write_text(text)
-    model = src.parent / "model"
+    return ["arith", "arith_shifted"]
+
+
+def write_config(out: Path, names: list[str], model: Path, max_new_tokens: int) -> Path:
+    """config.yaml in ``out``: the LLM demo's settings on the pair, joint, 40 steps of 8 samples per task."""
     cfg = {
         "model": {"name_or_path": str(model.resolve()), "kind": "causal-lm", "max_length": 64},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
@@ -49,9 +79,9 @@ def write_pair(src: Path, out: Path) -> Path:
                 "format": "chat",
                 "metric": "exact_match",
                 "normalize": "strip",
-                "generation": {"max_new_tokens": 6},
+                "generation": {"max_new_tokens": max_new_tokens},
             }
-            for name in ("arith", "arith_shifted")
+            for name in names
         ],
         "train": {"strategy": "joint", "lr": 1.0e-3, "steps": 40, "per_task_batch_size": 8, "log_every": 4},
         "output_dir": str((out / "runs" / "joint").resolve()),
@@ -63,14 +93,19 @@ def write_pair(src: Path, out: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, default=Path("data/demo_llm/basic_arithmetic"))
-    p.add_argument("--out", type=Path, default=Path("data/conflict_llm"))
+    p.add_argument("--kind", choices=["shift", "flip"], default="shift")
+    p.add_argument("--src", type=Path, default=Path("data/demo_llm/basic_arithmetic"), help="shift: the source task")
+    p.add_argument("--model", type=Path, default=Path("data/demo_llm/model"))
+    p.add_argument("--out", type=Path)
     a = p.parse_args()
-    missing = [s for s in SPLITS if not (a.src / f"{s}.jsonl").is_file()]
-    if missing:
-        print(f"error: {a.src} has no {', '.join(missing)}.jsonl: run ortho-lora prepare-demo --llm", file=sys.stderr)
+    out = a.out or Path("data/conflict_llm" if a.kind == "shift" else "data/conflict_flip")
+    missing = [s for s in SPLITS if a.kind == "shift" and not (a.src / f"{s}.jsonl").is_file()]
+    if missing or not (a.model / "config.json").is_file():
+        what = f"{a.src} has no {', '.join(missing)}.jsonl" if missing else f"{a.model} holds no model"
+        print(f"error: {what}: run ortho-lora prepare-demo --llm", file=sys.stderr)
         return 2
-    print(f"written: {write_pair(a.src, a.out)}")
+    names = write_shift(a.src, out) if a.kind == "shift" else write_flip(out)
+    print(f"written: {write_config(out, names, a.model, 6 if a.kind == 'shift' else 2)}")
     return 0
 
 

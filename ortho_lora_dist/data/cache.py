@@ -24,7 +24,7 @@ from typing import Any
 
 from ortho_lora_dist.config import TaskConfig
 from ortho_lora_dist.data.loading import Records, TaskData
-from ortho_lora_dist.data.sources import _quiet_datasets
+from ortho_lora_dist.data.sources import quiet_datasets
 from ortho_lora_dist.runtime import jsonio
 from ortho_lora_dist.runtime.fsutil import atomic_write_text
 
@@ -92,7 +92,7 @@ def _write(folder: Path, tasks: list[TaskData]) -> None:
     meta = []
     for i, task in enumerate(tasks):
         for split, records in task.splits.items():
-            with _quiet_datasets():
+            with quiet_datasets():
                 records.ds.save_to_disk(str(folder / f"task{i}" / split))
         meta.append({"name": task.name, "labels": task.labels, "splits": list(task.splits)})
     atomic_write_text(folder / MANIFEST, jsonio.dumps({"tasks": meta, "files": _files_of(folder)}, indent=1))

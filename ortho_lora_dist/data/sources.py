@@ -71,7 +71,7 @@ def _iter_table(ds, where: str, needed: list[str]) -> Iterator[tuple[str, dict]]
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """datasets' own progress bars and ERROR log lines off while we read (our errors say what failed, once);
     ORTHO_LORA_VERBOSE=1 keeps them."""
     import datasets
@@ -113,7 +113,7 @@ def _load_table(path: Path, task: str):
         _check_json_array(path)
     kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             return datasets.load_dataset(kind, data_files=str(path), split="train", **kw)
     except Exception as e:  # a malformed file: say which, with the reader's own words
         raise DataError(
@@ -126,7 +126,7 @@ def _from_disk(path: Path, split_name: str, task: str):
     import datasets
 
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             ds = datasets.load_from_disk(str(path))
     except Exception as e:
         raise DataError(
@@ -161,7 +161,7 @@ def _hub_dataset(cfg: TaskConfig, split: str):
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         return _from_disk(local, split, cfg.name)
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
     except ValueError as e:
         if "Unknown split" not in str(e) and "split" not in str(e).lower():

@@ -16,11 +16,11 @@ from torch import nn
 
 from ortho_lora_dist.config import Config
 from ortho_lora_dist.data.lengths import apply_length_policy
-from ortho_lora_dist.data.loading import TaskData
+from ortho_lora_dist.data.loading import Records, TaskData
 from ortho_lora_dist.engines import engine_spec
 from ortho_lora_dist.models.causal_lm import CausalLMMultiTask, check_chat_template
 from ortho_lora_dist.models.encoder import EncoderMultiTask
-from ortho_lora_dist.models.encoding import CausalEncoding
+from ortho_lora_dist.models.encoding import LENGTH, TOKENS, CausalEncoding
 from ortho_lora_dist.models.loading import DTYPES, load_tokenizer
 from ortho_lora_dist.models.placement import enable_activation_checkpointing, place_model, shard_for_fsdp
 
@@ -41,12 +41,17 @@ def build_model(
 
 
 def fit_tasks_to_length(cfg: Config, tasks: list[TaskData], tokenizer, announce: bool) -> None:
-    """causal-lm: model.truncation applied to every task's training split (data/lengths.py), before the model
-    loads; a chat task on a tokenizer without a chat template is refused first. Encoders truncate their text."""
+    """causal-lm: every task's training split tokenised once (models/encoding.py: with_tokens) and model.truncation
+    applied to it (data/lengths.py), before the model loads; a chat task on a tokenizer without a chat template is
+    refused first. Encoders truncate their text."""
     if cfg.model.kind != "causal-lm":
         return
     check_chat_template(tasks, tokenizer, cfg.model.name_or_path)
     encoding = CausalEncoding(tokenizer, tasks, cfg.model.max_length)
+    for i, task in enumerate(tasks):  # tokenised once here (rank 0 when cached): the loop reads the ids
+        train = task.splits.get("train")
+        if isinstance(train, Records) and len(train):
+            task.splits["train"] = encoding.with_tokens(i, train, announce)
     lengths = lambda i, task: encoding.sample_lengths(i, task.splits["train"])
     apply_length_policy(tasks, lengths, cfg.model.max_length, cfg.model.truncation, announce)
 
@@ -62,6 +67,7 @@ def data_key(cfg: Config, tokenizer) -> dict:
         "max_length": cfg.model.max_length,
         "truncation": cfg.model.truncation,
         "tokenizer": [cfg.model.name_or_path, type(tokenizer).__name__, len(tokenizer), str(template)],
+        "columns": [*TOKENS, LENGTH],  # the training split is stored tokenised (models/encoding.py: with_tokens)
     }
 
 

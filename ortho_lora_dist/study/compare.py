@@ -10,7 +10,8 @@ seed, every method in turn), so machine noise spreads over all methods alike.
 Methods: ``zero_shot`` (causal LM: the untrained base model, evaluated once), ``single``, ``joint``,
 ``ortho-factor``, ``ortho-module``, ``pcgrad-global`` (ours at global granularity = flat PCGrad with one
 order), any ``STRATEGY-GRANULARITY`` (e.g. ``upgrad-global``, ``norm_balance-factor``; a bare strategy name
-means ``-global``), and ``lossweights``: joint training
+means ``-global``; ``+debiased`` / ``+ema`` after it: the rule on the signal Gram, train.gram), and ``lossweights``:
+joint training
 with static per-task loss weights chosen on validation (seed 0) from the grid {all 1} U {task t x3, others 1}.
 
 Reported per method: per-task metric mean and 95% CI across seeds (Student t), their average (over the
@@ -51,8 +52,19 @@ FIXED = {
 LOSS_WEIGHT_FACTOR = 3.0
 
 
+GRAM_SUFFIXES = ("debiased", "ema")  # METHOD+debiased / METHOD+ema: the rule on a signal Gram (train.gram)
+
+
 def method_settings(method: str) -> dict:
-    """train.* settings of a method name; ValueError naming the valid forms."""
+    """train.* settings of a method name (``+debiased`` / ``+ema``: train.gram); ValueError naming the valid forms."""
+    base, plus, gram = method.partition("+")
+    if plus:
+        if gram not in GRAM_SUFFIXES or base in ("zero_shot", "single", "lossweights"):
+            raise ValueError(
+                f"unknown method {method!r}: a Gram rule may end in +{' or +'.join(GRAM_SUFFIXES)} "
+                "(train.gram), e.g. norm_balance-global+debiased"
+            )
+        return {**method_settings(base), "gram": gram}
     if method in FIXED:
         return dict(FIXED[method])
     from ortho_lora_dist.core.strategies import strategy_names
@@ -62,8 +74,8 @@ def method_settings(method: str) -> dict:
         name, gran = method, "global"
     if name not in strategy_names():
         raise ValueError(
-            f"unknown method {method!r}: use one of {sorted(FIXED)} or STRATEGY[-factor|-module|-global] "
-            f"with STRATEGY in {list(strategy_names())}"
+            f"unknown method {method!r}: use one of {sorted(FIXED)} or STRATEGY[-factor|-module|-global][+debiased|"
+            f"+ema] with STRATEGY in {list(strategy_names())}"
         )
     return {"strategy": name, "granularity": gran}
 

@@ -108,3 +108,26 @@ def test_prompt_completion_and_raw(encoding):
     ids, labels = _row(encoding, 4)
     assert tok.decode(ids) == "Plain text to continue." + tok.eos_token
     assert all(y != -100 for y in labels) and labels == ids
+
+
+@pytest.mark.parametrize("max_length", [2048, 24])  # 24: every chat row cut (prompt's end, answer's head)
+def test_rows_tokenised_once_at_preparation_equal_the_rows_tokenised_in_the_loop(encoding, max_length):
+    """with_tokens (what rank 0 writes into the data cache) gives the training loop the very rows it would have
+    tokenised itself, padded and packed, every format, cut or not; the records carry them."""
+    import torch
+
+    enc, tasks = encoding
+    enc = CausalEncoding(enc.tokenizer, tasks, max_length)
+    records = [tasks[t].splits["train"][0] for t in range(len(tasks))]
+    prepared = [enc.with_tokens(t, tasks[t].splits["train"])[0] for t in range(len(tasks))]
+    assert all("_input_ids" in r and "_labels" in r for r in prepared) and not any("_input_ids" in r for r in records)
+    ids = list(range(len(tasks)))
+    lengths = [enc.sample_lengths(t, tasks[t].splits["train"])[0] for t in ids]
+    assert [r["_length"] for r in prepared] == lengths and (max(lengths) > max_length) == (max_length == 24)
+    for collate in (enc.collate, enc.collate_packed):
+        want, got = collate(records, ids), collate(prepared, ids)
+        for k, v in want.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(got[k], v), (collate.__name__, k)
+    fake = dict(prepared[0], _input_ids=[5, 6, 7], _labels=[-100, 6, 7])  # the loop reads the ids, tokenises nothing
+    assert enc.collate([fake], [0])["input_ids"].tolist() == [[5, 6, 7]]
