@@ -44,3 +44,35 @@ def test_missing_source_is_one_error(tmp_path):
     r = _run("--src", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "nope: no train.jsonl, validation.jsonl, test.jsonl" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def _run_llm(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench" / "conflict_llm.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_llm_flip_pair_contradicts_on_the_same_prompts(tmp_path):
+    """bench/conflict_llm.py --kind flip: the same questions of the same integers, opposite one-word answers, the
+    right ones in ``parity``; the splits hold different integers; no model folder -> one error, exit 2."""
+    (tmp_path / "model").mkdir()
+    assert _run_llm("--kind", "flip", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o")).returncode == 2
+    (tmp_path / "model" / "config.json").write_text("{}")
+    proc = _run_llm("--kind", "flip", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    seen = set()
+    for split in ("train", "validation", "test"):
+        right, flipped = (_read(tmp_path / "o" / t / f"{split}.jsonl") for t in ("parity", "parity_flipped"))
+        assert len(right) == len(flipped) > 0
+        numbers = set()
+        for a, b in zip(right, flipped):
+            assert a["messages"][0] == b["messages"][0]  # the same question
+            k = int(a["messages"][0]["content"].split()[1])
+            assert a["messages"][1]["content"] == ("yes" if k % 2 == 0 else "no")
+            assert {a["messages"][1]["content"], b["messages"][1]["content"]} == {"yes", "no"}
+            numbers.add(k)
+        assert not numbers & seen
+        seen |= numbers
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert [t["name"] for t in cfg["tasks"]] == ["parity", "parity_flipped"]
