@@ -10,6 +10,9 @@ aligned; the digits contradict.
 end, a one-token target that the other task contradicts on every prompt. Scored on ``parity`` alone (the flipped
 task is the antagonist): single-task training shows what ``parity`` reaches without it.
 
+``--kind constant``: the same questions, ``always_yes`` answers "yes" to every one and ``always_no`` "no": the
+contradiction needs no feature of the question, so it is one the model can represent from the first step.
+
     python bench/conflict_llm.py --kind flip --out data/conflict_flip
     ortho-lora diagnose data/conflict_flip/config.yaml --steps 30
 """
@@ -32,23 +35,30 @@ def shifted(answer: str) -> str:
     return "".join(str((int(c) + 5) % 10) if c.isdigit() else c for c in answer)
 
 
-def write_flip(out: Path, sizes: tuple[int, ...] = (512, 64, 128), seed: int = 0) -> list[str]:
-    """parity/ and parity_flipped/ (train, validation, test JSONL: the same integers, disjoint across splits)."""
+ANSWERS = {  # task -> its answer to "Is N an even number?"
+    "flip": {"parity": lambda k: k % 2 == 0, "parity_flipped": lambda k: k % 2 == 1},
+    "constant": {"always_yes": lambda k: True, "always_no": lambda k: False},
+}
+
+
+def write_questions(kind: str, out: Path, sizes: tuple[int, ...] = (512, 64, 128), seed: int = 0) -> list[str]:
+    """The two tasks of ``kind`` (train, validation, test JSONL): the same questions of the same integers, disjoint
+    across splits, answered "yes" / "no" by each task's rule."""
     rng = random.Random(seed)
     numbers = rng.sample(range(10, 100_000), sum(sizes))
     lo = 0
     for split, n in zip(SPLITS, sizes):
-        for name, flip in (("parity", False), ("parity_flipped", True)):
+        for name, yes in ANSWERS[kind].items():
             path = out / name / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             text = ""
             for k in numbers[lo : lo + n]:
-                even = (k % 2 == 0) != flip
                 q = {"role": "user", "content": f"Is {k} an even number? Answer yes or no."}
-                text += json.dumps({"messages": [q, {"role": "assistant", "content": "yes" if even else "no"}]}) + "\n"
+                a = {"role": "assistant", "content": "yes" if yes(k) else "no"}
+                text += json.dumps({"messages": [q, a]}) + "\n"
             path.write_text(text)
         lo += n
-    return ["parity", "parity_flipped"]
+    return list(ANSWERS[kind])
 
 
 def write_shift(src: Path, out: Path) -> list[str]:
@@ -93,18 +103,18 @@ def write_config(out: Path, names: list[str], model: Path, max_new_tokens: int) 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=["shift", "flip"], default="shift")
+    p.add_argument("--kind", choices=["shift", *ANSWERS], default="shift")
     p.add_argument("--src", type=Path, default=Path("data/demo_llm/basic_arithmetic"), help="shift: the source task")
     p.add_argument("--model", type=Path, default=Path("data/demo_llm/model"))
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    out = a.out or Path("data/conflict_llm" if a.kind == "shift" else "data/conflict_flip")
+    out = a.out or Path("data/conflict_llm" if a.kind == "shift" else f"data/conflict_{a.kind}")
     missing = [s for s in SPLITS if a.kind == "shift" and not (a.src / f"{s}.jsonl").is_file()]
     if missing or not (a.model / "config.json").is_file():
         what = f"{a.src} has no {', '.join(missing)}.jsonl" if missing else f"{a.model} holds no model"
         print(f"error: {what}: run ortho-lora prepare-demo --llm", file=sys.stderr)
         return 2
-    names = write_shift(a.src, out) if a.kind == "shift" else write_flip(out)
+    names = write_shift(a.src, out) if a.kind == "shift" else write_questions(a.kind, out)
     print(f"written: {write_config(out, names, a.model, 6 if a.kind == 'shift' else 2)}")
     return 0
 

@@ -76,3 +76,13 @@ def test_llm_flip_pair_contradicts_on_the_same_prompts(tmp_path):
 
     cfg = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert [t["name"] for t in cfg["tasks"]] == ["parity", "parity_flipped"]
+
+
+def test_llm_constant_pair_answers_every_question_alike(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    proc = _run_llm("--kind", "constant", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    yes, no = (_read(tmp_path / "o" / t / "test.jsonl") for t in ("always_yes", "always_no"))
+    assert [r["messages"][0] for r in yes] == [r["messages"][0] for r in no]
+    assert {r["messages"][1]["content"] for r in yes} == {"yes"} and {r["messages"][1]["content"] for r in no} == {"no"}
