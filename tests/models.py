@@ -244,9 +244,10 @@ FAMILY_TARGETS = {  # LoRA targets: attention + MLP + lm_head. The MoE families'
 }
 
 
-def family_config(family: str, vocab: int = 64):
+def family_config(family: str, vocab: int = 64, **overrides):
     """(model class, tiny config) of ``family``: 2 layers, hidden 32, 4 heads / 2 KV heads, sdpa (Gemma 2: eager,
-    which is where it applies attention soft-capping); Gemma: final logit soft-capping 5, tied embeddings."""
+    which is where it applies attention soft-capping); Gemma: final logit soft-capping 5, tied embeddings.
+    ``overrides``: more config keys (e.g. tie_word_embeddings)."""
     import transformers as tr
 
     common = dict(
@@ -258,6 +259,7 @@ def family_config(family: str, vocab: int = 64):
         num_key_value_heads=2,
         max_position_embeddings=64,
         attn_implementation="sdpa",
+        **overrides,
     )
     if family == "llama":
         return tr.LlamaForCausalLM, tr.LlamaConfig(**common)

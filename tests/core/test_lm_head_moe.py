@@ -57,24 +57,12 @@ def _packed(ids, labels, tasks) -> dict:
 
 def _model(family: str, tied: bool, target_modules, seed: int = 0):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        attn_implementation="sdpa",
-    )
+    from tests.models import family_config
+
+    cls, config = family_config(family, 64, tie_word_embeddings=tied)  # llama or mixtral
     torch.manual_seed(1234)
-    if family == "mixtral":
-        base = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
-    else:
-        base = LlamaForCausalLM(LlamaConfig(**common))
+    base = cls(config)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, lora_dropout=0.0, init_lora_weights=False)
     return get_peft_model(base, cfg)
